@@ -1,0 +1,269 @@
+"""Configuration: typed sections, validated, with precedence file < environment < CLI.
+
+Each section is a frozen dataclass whose fields carry their documentation and
+constraints, so the schema is declared once and drives validation, error
+messages and the ``velox config`` listing. ``conf/velox.toml`` is the commented
+copy of the defaults (a test keeps the two in step).
+
+Environment variables are ``VELOX_<SECTION>__<KEY>`` (for example
+``VELOX_MODEL__RANK=64``); CLI overrides are ``section.key=value`` strings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import tomllib
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_type_hints
+
+from velox.errors import ConfigError
+
+ENV_PREFIX = "VELOX_"
+DEFAULT_CONFIG_PATH = Path("conf/velox.toml")
+
+
+def setting(
+    default: Any,
+    doc: str,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+    choices: tuple[str, ...] | None = None,
+) -> Any:
+    """Declare a setting: its default, what it means, and the values allowed."""
+    return field(
+        default=default,
+        metadata={"doc": doc, "low": low, "high": high, "low_open": low_open, "choices": choices},
+    )
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where Velox keeps its state."""
+
+    dir: str = setting("data", "Data folder; the RocksDB and Parquet stores live under it.")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The per-user online model and the shape of the item features."""
+
+    rank: int = setting(32, "Latent factors per item; features are [factors, 1].", low=1, high=1024)
+    regularization: float = setting(
+        1.0, "Ridge lambda of each user's prior (A_u starts at lambda * I).", low=0.0, low_open=True
+    )
+    prior: str = setting(
+        "mean", "Prior mean w0 of a new user: mean of known users, or zero.", choices=("mean", "zero")
+    )
+    forgetting: float = setting(
+        1.0, "Forgetting factor gamma in (0, 1]; 1 keeps every observation.", low=0.0, high=1.0,
+        low_open=True,
+    )
+    dtype: str = setting(
+        "float64", "Floating type of user states and features.", choices=("float64", "float32")
+    )
+    bias_regularization: float = setting(
+        25.0, "Pseudo-count pulling an item's online bias to its trained value.", low=0.0
+    )
+    mean_regularization: float = setting(
+        100.0, "Pseudo-count of the global mean when the model has no training count.", low=0.0,
+        low_open=True,
+    )
+    foldin_regularization: float = setting(
+        1.0, "Ridge lambda of the online fold-in of items the model does not know.", low=0.0,
+        low_open=True,
+    )
+    refactor_interval: int = setting(
+        1000, "Re-factorise a user's state from its exact statistics every N updates.", low=1
+    )
+
+
+@dataclass(frozen=True)
+class ComputeConfig:
+    """Which array library runs the kernels."""
+
+    device: str = setting(
+        "auto", "auto: CuPy when it imports and sees a GPU, else NumPy; cpu; gpu (error if none).",
+        choices=("auto", "cpu", "gpu"),
+    )
+
+
+@dataclass(frozen=True)
+class VeloxConfig:
+    """All settings, one attribute per section."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    compute: ComputeConfig = field(default_factory=ComputeConfig)
+
+
+def sections() -> dict[str, type]:
+    """The section name to dataclass mapping, in declaration order."""
+    hints = get_type_hints(VeloxConfig)
+    return {f.name: hints[f.name] for f in dataclasses.fields(VeloxConfig)}
+
+
+def _type_name(kind: type) -> str:
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}[kind]
+
+
+def _allowed(kind: type, meta: Mapping[str, Any]) -> str:
+    if meta["choices"]:
+        return "one of " + ", ".join(repr(c) for c in meta["choices"])
+    low, high = meta["low"], meta["high"]
+    text = _type_name(kind)
+    if low is not None and high is not None:
+        opener = "greater than" if meta["low_open"] else "from"
+        joiner = "and at most" if meta["low_open"] else "to"
+        return f"{text} {opener} {low:g} {joiner} {high:g}"
+    if low is not None:
+        return f"{text} {'greater than' if meta['low_open'] else 'at least'} {low:g}"
+    return text
+
+
+def _coerce(raw: Any, kind: type, from_text: bool) -> Any:
+    """Turn a raw value into ``kind``; raise ValueError when it does not fit."""
+    if from_text and isinstance(raw, str):
+        text = raw.strip()
+        if kind is bool:
+            lowered = text.lower()
+            if lowered in ("true", "1", "yes", "on"):
+                return True
+            if lowered in ("false", "0", "no", "off"):
+                return False
+            raise ValueError(text)
+        return kind(text)
+    if kind is bool:
+        if isinstance(raw, bool):
+            return raw
+        raise ValueError(raw)
+    if isinstance(raw, bool):
+        raise ValueError(raw)
+    if kind is float and isinstance(raw, int | float):
+        return float(raw)
+    if isinstance(raw, kind):
+        return raw
+    raise ValueError(raw)
+
+
+def _validate(section: str, key: str, raw: Any, source: str, from_text: bool) -> Any:
+    cls = sections()[section]
+    by_name = {f.name: f for f in dataclasses.fields(cls)}
+    if key not in by_name:
+        raise ConfigError(
+            f"unknown setting {section}.{key} (from {source}); "
+            f"the keys of [{section}] are: {', '.join(by_name)}"
+        )
+    kind = get_type_hints(cls)[key]
+    meta = by_name[key].metadata
+    problem = f"setting {section}.{key} = {raw!r} (from {source}) must be {_allowed(kind, meta)}"
+    try:
+        value = _coerce(raw, kind, from_text)
+    except (TypeError, ValueError):
+        raise ConfigError(problem) from None
+    if kind is float and not math.isfinite(value):
+        raise ConfigError(problem)
+    if meta["choices"] and value not in meta["choices"]:
+        raise ConfigError(problem)
+    low, high = meta["low"], meta["high"]
+    if low is not None and (value < low or (meta["low_open"] and value == low)):
+        raise ConfigError(problem)
+    if high is not None and value > high:
+        raise ConfigError(problem)
+    return value
+
+
+def _from_file(path: Path) -> list[tuple[str, str, Any, str]]:
+    try:
+        with path.open("rb") as handle:
+            document = tomllib.load(handle)
+    except FileNotFoundError:
+        raise ConfigError(
+            f"config file {path} does not exist; pass an existing file or omit --config"
+        ) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML ({exc}); fix the syntax") from None
+    known = sections()
+    items = []
+    for section, table in document.items():
+        if section not in known or not isinstance(table, dict):
+            raise ConfigError(
+                f"unknown section [{section}] in {path}; the sections are: {', '.join(known)}"
+            )
+        items += [(section, key, value, str(path)) for key, value in table.items()]
+    return items
+
+
+def _from_env(env: Mapping[str, str]) -> list[tuple[str, str, Any, str]]:
+    items = []
+    for name, value in env.items():
+        if not name.startswith(ENV_PREFIX) or "__" not in name:
+            continue
+        section, _, key = name[len(ENV_PREFIX) :].partition("__")
+        section, key = section.lower(), key.lower()
+        if section not in sections():
+            raise ConfigError(
+                f"environment variable {name} names no config section; "
+                f"the sections are: {', '.join(sections())}"
+            )
+        items.append((section, key, value, f"environment variable {name}"))
+    return items
+
+
+def _from_overrides(overrides: Iterable[str]) -> list[tuple[str, str, Any, str]]:
+    items = []
+    for text in overrides:
+        name, sep, value = text.partition("=")
+        section, dot, key = name.strip().partition(".")
+        if not sep or not dot or section not in sections():
+            raise ConfigError(
+                f"command-line setting {text!r} must look like section.key=value "
+                f"with a section among: {', '.join(sections())}"
+            )
+        items.append((section, key, value, f"command line {text!r}"))
+    return items
+
+
+def load_config(
+    path: str | Path | None = None,
+    *,
+    env: Mapping[str, str] | None = None,
+    overrides: Iterable[str] = (),
+) -> VeloxConfig:
+    """Load settings: defaults < TOML file < ``VELOX_SECTION__KEY`` variables < CLI overrides.
+
+    ``path=None`` reads ``$VELOX_CONFIG`` or ``conf/velox.toml`` when they exist,
+    else keeps the built-in defaults. Any bad value raises :class:`ConfigError`
+    with one sentence naming the key, the value, its source and what is allowed.
+    """
+    env = os.environ if env is None else env
+    layers: list[tuple[str, str, Any, str]] = []
+    if path is None and env.get("VELOX_CONFIG"):
+        path = env["VELOX_CONFIG"]
+    if path is not None:
+        layers += _from_file(Path(path))
+    elif DEFAULT_CONFIG_PATH.is_file():
+        layers += _from_file(DEFAULT_CONFIG_PATH)
+    file_count = len(layers)
+    layers += _from_env(env)
+    layers += _from_overrides(overrides)
+    values: dict[str, dict[str, Any]] = {name: {} for name in sections()}
+    for position, (section, key, raw, source) in enumerate(layers):
+        from_text = position >= file_count
+        values[section][key] = _validate(section, key, raw, source, from_text)
+    built = {name: cls(**values[name]) for name, cls in sections().items()}
+    return VeloxConfig(**built)
+
+
+def describe() -> list[tuple[str, Any, str]]:
+    """Every setting as (``section.key``, default, documentation), for listings and docs."""
+    rows = []
+    for name, cls in sections().items():
+        for f in dataclasses.fields(cls):
+            rows.append((f"{name}.{f.name}", f.default, f.metadata["doc"]))
+    return rows

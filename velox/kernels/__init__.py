@@ -1,0 +1,62 @@
+"""Batched least-squares kernels: one API, the fastest implementation per device.
+
+Every state array is batched over users (or items): ``P, A`` are ``(B, d, d)``,
+``w, b, f`` are ``(B, d)``, targets ``t`` are ``(B,)``. Arrays that live on the
+GPU (CuPy) run the generic code of :mod:`velox.kernels.array_api`; NumPy arrays
+take the compiled single-pass update of :mod:`velox.kernels.cpu` when their
+layout allows it. Both compute the same recursion and are tested against the
+batch ridge solution.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from velox.backend import array_module
+from velox.kernels import array_api, cpu
+from velox.kernels.array_api import (
+    NotPositiveDefiniteError,
+    check_update_inputs,
+    cholesky,
+    gram,
+    refit_rows,
+    ridge_refit,
+    ridge_solve,
+    scores,
+    thompson_sample,
+    ucb_bonus,
+)
+
+__all__ = [
+    "NotPositiveDefiniteError",
+    "cholesky",
+    "gram",
+    "rank_one_update",
+    "refit_rows",
+    "ridge_refit",
+    "ridge_solve",
+    "scores",
+    "thompson_sample",
+    "ucb_bonus",
+]
+
+
+def rank_one_update(
+    P: Any, w: Any, A: Any, b: Any, f: Any, t: Any, gamma: float = 1.0
+) -> Any:
+    """Apply observation ``(f[j], t[j])`` to state ``j`` for every row, in place.
+
+    Validates first (shapes, finite values, a non-empty batch) and changes
+    nothing when the input is bad. Returns the predictions ``f.w`` made before
+    the update, which is what prequential evaluation needs. The recursion is
+    documented in :func:`velox.kernels.array_api.rank_one_update`.
+    """
+    check_update_inputs(P, w, A, b, f, t)
+    xp = array_module(P)
+    f = xp.asarray(f, dtype=P.dtype)
+    t = xp.asarray(t, dtype=P.dtype)
+    if xp is np and cpu.fusable(P, w, A, b, f, t):
+        return cpu.rank_one_update(P, w, A, b, f, t, gamma)
+    return array_api.rank_one_update(P, w, A, b, f, t, gamma)

@@ -1,0 +1,162 @@
+"""Batched least-squares kernels written once against the array namespace (NumPy or CuPy).
+
+A ridge state is ``(P, w, A, b)`` with ``A`` the (forgetting-weighted) Gram
+matrix plus the prior, ``b`` the matching right-hand side, ``P = A^-1`` and
+``w = P b``. Every function takes a batch: ``P, A`` are ``(B, d, d)``,
+``w, b, f`` are ``(B, d)``, ``t`` is ``(B,)``. The namespace (NumPy or CuPy)
+is the one that owns the arrays, so the same code serves both devices.
+
+Why both ``P`` and ``A``: the Sherman–Morrison update of ``P`` is O(d^2) but
+accumulates rounding; ``A`` and ``b`` are plain sums, exact to the last bit
+that matters, so ``P`` and ``w`` can be re-factorised from them (Cholesky)
+whenever drift is suspected, and they are what a checkpoint stores.
+
+On the GPU every kernel runs from here. On the CPU the rank-one update runs
+from :mod:`velox.kernels.cpu` instead (one fused pass over each state, which
+NumPy cannot express without temporaries); this generic version stays its
+reference and is tested on both namespaces.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from velox.backend import array_module
+from velox.errors import InputError
+
+
+class NotPositiveDefiniteError(InputError):
+    """A Gram matrix is not positive definite, so the ridge system has no unique solution."""
+
+
+def check_update_inputs(P: Any, w: Any, A: Any, b: Any, f: Any, t: Any) -> None:
+    """Raise :class:`InputError` unless the arrays form one valid batch of updates."""
+    if f.ndim != 2 or f.shape[0] == 0:
+        raise InputError(f"feature batch must be a non-empty (B, d) array, got shape {f.shape}")
+    batch, d = f.shape
+    expected = {"P": (batch, d, d), "A": (batch, d, d), "w": (batch, d), "b": (batch, d)}
+    for name, array in (("P", P), ("A", A), ("w", w), ("b", b)):
+        if array.shape != expected[name]:
+            raise InputError(
+                f"{name} must have shape {expected[name]} for {batch} updates of dimension {d}, "
+                f"got {array.shape}"
+            )
+    if t.shape != (batch,):
+        raise InputError(f"targets must have shape ({batch},), got {t.shape}")
+    xp = array_module(f)
+    if not bool(xp.isfinite(f).all()):
+        raise InputError("feature vectors contain NaN or infinite values")
+    if not bool(xp.isfinite(t).all()):
+        raise InputError("targets contain NaN or infinite values")
+
+
+def rank_one_update(
+    P: Any, w: Any, A: Any, b: Any, f: Any, t: Any, gamma: float = 1.0
+) -> Any:
+    """Apply one observation ``(f_j, t_j)`` to each state ``j`` of the batch, in place.
+
+    Exponentially weighted recursive least squares::
+
+        A <- gamma A + f f^T          b <- gamma b + t f
+        k  = P f / (gamma + f^T P f)  w <- w + k (t - f.w)
+        P <- (P - k (P f)^T) / gamma
+
+    Each row must be a different state (apply repeated observations of one
+    state in successive calls). A row whose ``P`` has lost positive
+    definiteness (``f^T P f < 0``) is re-factorised from ``(A, b)`` before its
+    update. Returns the predictions ``f.w`` made *before* the update.
+    """
+    xp = array_module(P)
+    u = xp.matmul(P, f[:, :, None])[:, :, 0]
+    quad = xp.einsum("ij,ij->i", f, u)
+    drifted = ~(quad >= 0.0)
+    if bool(drifted.any()):
+        refit_rows(P, w, A, b, xp.nonzero(drifted)[0])
+        u = xp.matmul(P, f[:, :, None])[:, :, 0]
+        quad = xp.einsum("ij,ij->i", f, u)
+    pred = xp.einsum("ij,ij->i", w, f)
+    k = u / (quad + gamma)[:, None]
+    P -= k[:, :, None] * u[:, None, :]
+    w += k * (t - pred)[:, None]
+    if gamma != 1.0:
+        P /= gamma
+        A *= gamma
+        b *= gamma
+    A += f[:, :, None] * f[:, None, :]
+    b += t[:, None] * f
+    return pred
+
+
+def refit_rows(P: Any, w: Any, A: Any, b: Any, rows: Any) -> None:
+    """Re-factorise the states at ``rows`` in place from their sufficient statistics."""
+    P[rows], w[rows] = ridge_refit(A[rows], b[rows])
+
+
+def cholesky(A: Any) -> Any:
+    """Batched lower Cholesky factor; :class:`NotPositiveDefiniteError` when one does not exist.
+
+    NumPy raises on a non-positive-definite matrix while CuPy returns NaNs, so
+    both cases are checked to give the same error on both devices.
+    """
+    xp = array_module(A)
+    try:
+        L = xp.linalg.cholesky(A)
+    except np.linalg.LinAlgError:
+        L = None
+    if L is None or not bool(xp.isfinite(L).all()):
+        raise NotPositiveDefiniteError(
+            "a Gram matrix is not positive definite; increase the regularization"
+        )
+    return L
+
+
+def ridge_refit(A: Any, b: Any) -> tuple[Any, Any]:
+    """Re-factorise ``P = A^-1`` and ``w = A^-1 b`` exactly from the sufficient statistics.
+
+    Through the Cholesky factor ``A = L L^T``: ``P = L^-T L^-1`` is symmetric
+    positive definite by construction, which is what later rank-one updates need.
+    """
+    xp = array_module(A)
+    L_inv = xp.linalg.inv(cholesky(A))
+    L_inv_t = L_inv.transpose(0, 2, 1)
+    P = xp.matmul(L_inv_t, L_inv)
+    w = xp.matmul(L_inv_t, xp.matmul(L_inv, b[:, :, None]))[:, :, 0]
+    return P, w
+
+
+def ridge_solve(A: Any, b: Any) -> Any:
+    """Solve the batch of ridge systems ``A x = b`` (the ALS half-step) through Cholesky."""
+    return ridge_refit(A, b)[1]
+
+
+def gram(F: Any, weights: Any | None = None) -> Any:
+    """``F^T diag(weights) F`` for a stack of feature matrices ``F`` of shape ``(B, n, d)``."""
+    xp = array_module(F)
+    weighted = F if weights is None else F * weights[:, :, None]
+    return xp.matmul(weighted.transpose(0, 2, 1), F)
+
+
+def scores(W: Any, F: Any) -> Any:
+    """``W F^T``: the linear part of the prediction for B users over n items, ``(B, n)``."""
+    return W @ F.T
+
+
+def ucb_bonus(P: Any, F: Any) -> Any:
+    """LinUCB width ``sqrt(f^T P f)`` of each of n items for each of B users, ``(B, n)``."""
+    xp = array_module(P)
+    quad = xp.einsum("bnd,nd->bn", xp.matmul(F[None, :, :], P), F)
+    return xp.sqrt(xp.maximum(quad, 0.0))
+
+
+def thompson_sample(w: Any, P: Any, scale: float, rng: Any) -> Any:
+    """Draw one weight vector per user from ``N(w, scale^2 P)``.
+
+    ``P`` is symmetrised first: rounding in the rank-one updates can leave it a
+    few ulps from symmetric, which Cholesky would otherwise misread.
+    """
+    xp = array_module(P)
+    L = cholesky(0.5 * (P + P.transpose(0, 2, 1)))
+    z = rng.standard_normal(w.shape, dtype=w.dtype)
+    return w + scale * xp.matmul(L, z[:, :, None])[:, :, 0]
