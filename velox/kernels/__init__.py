@@ -44,19 +44,26 @@ __all__ = [
 
 
 def rank_one_update(
-    P: Any, w: Any, A: Any, b: Any, f: Any, t: Any, gamma: float = 1.0
+    P: Any, w: Any, A: Any, b: Any, f: Any, t: Any, gamma: float = 1.0, rows: Any = None
 ) -> Any:
-    """Apply observation ``(f[j], t[j])`` to state ``j`` for every row, in place.
+    """Apply observation ``(f[j], t[j])`` to state ``rows[j]`` (default ``j``), in place.
 
-    Validates first (shapes, finite values, a non-empty batch) and changes
-    nothing when the input is bad. Returns the predictions ``f.w`` made before
-    the update, which is what prequential evaluation needs. The recursion is
-    documented in :func:`velox.kernels.array_api.rank_one_update`.
+    ``rows`` lets a caller update a few states of a large table without
+    gathering them first; the rows must be distinct. Validates first (shapes,
+    finite values, a non-empty batch, distinct rows) and changes nothing when
+    the input is bad. Returns the predictions ``f.w`` made before the update,
+    which is what prequential evaluation needs. The recursion is documented in
+    :func:`velox.kernels.array_api.rank_one_update`.
     """
-    check_update_inputs(P, w, A, b, f, t)
     xp = array_module(P)
+    check_update_inputs(P, w, A, b, f, t, rows)
     f = xp.asarray(f, dtype=P.dtype)
     t = xp.asarray(t, dtype=P.dtype)
     if xp is np and cpu.fusable(P, w, A, b, f, t):
-        return cpu.rank_one_update(P, w, A, b, f, t, gamma)
-    return array_api.rank_one_update(P, w, A, b, f, t, gamma)
+        return cpu.rank_one_update(P, w, A, b, f, t, gamma, rows)
+    if rows is None:
+        return array_api.rank_one_update(P, w, A, b, f, t, gamma)
+    sub = P[rows], w[rows], A[rows], b[rows]
+    pred = array_api.rank_one_update(*sub, f, t, gamma)
+    P[rows], w[rows], A[rows], b[rows] = sub
+    return pred

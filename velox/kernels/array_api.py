@@ -31,16 +31,23 @@ class NotPositiveDefiniteError(InputError):
     """A Gram matrix is not positive definite, so the ridge system has no unique solution."""
 
 
-def check_update_inputs(P: Any, w: Any, A: Any, b: Any, f: Any, t: Any) -> None:
-    """Raise :class:`InputError` unless the arrays form one valid batch of updates."""
+def check_update_inputs(
+    P: Any, w: Any, A: Any, b: Any, f: Any, t: Any, rows: Any = None
+) -> None:
+    """Raise :class:`InputError` unless the arrays form one valid batch of updates.
+
+    With ``rows`` the state arrays are a table of ``N`` states and ``rows``
+    picks the distinct states that the ``B`` observations update.
+    """
     if f.ndim != 2 or f.shape[0] == 0:
         raise InputError(f"feature batch must be a non-empty (B, d) array, got shape {f.shape}")
     batch, d = f.shape
-    expected = {"P": (batch, d, d), "A": (batch, d, d), "w": (batch, d), "b": (batch, d)}
+    states = batch if rows is None else P.shape[0]
+    expected = {"P": (states, d, d), "A": (states, d, d), "w": (states, d), "b": (states, d)}
     for name, array in (("P", P), ("A", A), ("w", w), ("b", b)):
         if array.shape != expected[name]:
             raise InputError(
-                f"{name} must have shape {expected[name]} for {batch} updates of dimension {d}, "
+                f"{name} must have shape {expected[name]} for states of dimension {d}, "
                 f"got {array.shape}"
             )
     if t.shape != (batch,):
@@ -50,6 +57,14 @@ def check_update_inputs(P: Any, w: Any, A: Any, b: Any, f: Any, t: Any) -> None:
         raise InputError("feature vectors contain NaN or infinite values")
     if not bool(xp.isfinite(t).all()):
         raise InputError("targets contain NaN or infinite values")
+    if rows is not None:
+        rows = np.asarray(rows)
+        if rows.shape != (batch,) or rows.dtype.kind not in "iu":
+            raise InputError(f"rows must be {batch} integer indices, got {rows.shape} {rows.dtype}")
+        if batch and (rows.min() < 0 or rows.max() >= states):
+            raise InputError(f"rows must lie in [0, {states}), got {rows.min()}..{rows.max()}")
+        if np.unique(rows).size != batch:
+            raise InputError("rows must be distinct: apply repeated updates of a state in turn")
 
 
 def rank_one_update(

@@ -16,12 +16,13 @@ from velox.kernels.array_api import refit_rows
 
 
 @numba.njit(cache=True, boundscheck=False)
-def _update_rows(P, w, A, b, f, t, gamma, rows, pred, drifted):  # pragma: no cover - compiled
+def _update_rows(P, w, A, b, f, t, gamma, rows, todo, pred, drifted):  # pragma: no cover
     d = f.shape[1]
     u = np.empty(d, dtype=P.dtype)
     inv_gamma = 1.0 / gamma
-    for j in rows:
-        Pj, Aj, fj, tj = P[j], A[j], f[j], t[j]
+    for j in todo:
+        r = rows[j]
+        Pj, Aj, fj, tj, wj, bj = P[r], A[r], f[j], t[j], w[r], b[r]
         # P is symmetric, so P f is a sum of its rows: contiguous, vectorisable.
         u[:] = 0.0
         for m in range(d):
@@ -32,7 +33,7 @@ def _update_rows(P, w, A, b, f, t, gamma, rows, pred, drifted):  # pragma: no co
         p = 0.0
         for i in range(d):
             quad += u[i] * fj[i]
-            p += w[j, i] * fj[i]
+            p += wj[i] * fj[i]
         if not quad >= 0.0:
             drifted[j] = True
             continue
@@ -47,14 +48,14 @@ def _update_rows(P, w, A, b, f, t, gamma, rows, pred, drifted):  # pragma: no co
                     Pj[i, m] -= ki * u[m]
                 for m in range(d):
                     Aj[i, m] += fi * fj[m]
-                b[j, i] += tj * fi
+                bj[i] += tj * fi
             else:
                 for m in range(d):
                     Pj[i, m] = (Pj[i, m] - ki * u[m]) * inv_gamma
                 for m in range(d):
                     Aj[i, m] = gamma * Aj[i, m] + fi * fj[m]
-                b[j, i] = gamma * b[j, i] + tj * fi
-            w[j, i] += u[i] * step
+                bj[i] = gamma * bj[i] + tj * fi
+            wj[i] += u[i] * step
 
 
 def fusable(*arrays: np.ndarray) -> bool:
@@ -73,15 +74,17 @@ def rank_one_update(
     f: np.ndarray,
     t: np.ndarray,
     gamma: float,
+    rows: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Fused rank-one update of every row; rows whose ``P`` drifted are refit, then updated."""
+    """Fused update of state ``rows[j]`` by observation ``j``; drifted states are refit first."""
     batch = f.shape[0]
+    rows = np.arange(batch) if rows is None else np.asarray(rows, dtype=np.int64)
     pred = np.empty(batch, dtype=P.dtype)
     drifted = np.zeros(batch, dtype=np.bool_)
-    _update_rows(P, w, A, b, f, t, gamma, np.arange(batch), pred, drifted)
+    _update_rows(P, w, A, b, f, t, gamma, rows, np.arange(batch), pred, drifted)
     if drifted.any():
-        rows = np.flatnonzero(drifted)
-        refit_rows(P, w, A, b, rows)
+        again = np.flatnonzero(drifted)
+        refit_rows(P, w, A, b, rows[again])
         drifted[:] = False
-        _update_rows(P, w, A, b, f, t, gamma, rows, pred, drifted)
+        _update_rows(P, w, A, b, f, t, gamma, rows, again, pred, drifted)
     return pred

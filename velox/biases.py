@@ -1,0 +1,94 @@
+"""Online global mean and item biases: regularised running estimates.
+
+Between retrains the popularity of items moves faster than anything else in a
+rating stream; keeping ``mu`` and ``b_i`` current on every observation was the
+largest single gain a prototype measured on MovieLens streams.
+
+* ``mu = (c0 * mu0 + sum y) / (c0 + n)``: the trained mean with the training
+  count ``c0`` as its pseudo-count.
+* ``b_i = (lambda_b * b0_i + sum r) / (lambda_b + n_i)`` with
+  ``r = y - mu - w_u . f(i)``, the part of the rating that neither the global
+  mean nor the user's model explains, measured before the user's update.
+  ``b0_i`` is the trained bias (0 for items the model does not know).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+
+class OnlineBiases:
+    """The global mean and one bias per item, updated on every observation.
+
+    >>> biases = OnlineBiases(3.0, 10, ["a"], np.array([0.5]), regularization=1.0)
+    >>> biases.update(biases.ensure(["a", "new"]), np.array([4.0, 2.0]), np.array([0.0, -1.0]))
+    >>> round(biases.mean, 4), biases.bias(biases.ensure(["a", "new"])).round(4).tolist()
+    (3.0, [0.25, -0.5])
+    """
+
+    def __init__(
+        self,
+        global_mean: float,
+        mean_count: float,
+        item_ids: Sequence[str],
+        item_bias: np.ndarray,
+        *,
+        regularization: float,
+    ) -> None:
+        self._mean_sum = float(global_mean) * float(mean_count)
+        self._mean_count = float(mean_count)
+        self.regularization = regularization
+        self._rows = {str(item): row for row, item in enumerate(item_ids)}
+        size = max(len(item_ids), 16)
+        self._prior = np.zeros(size)
+        self._prior[: len(item_ids)] = item_bias
+        self._sum = np.zeros(size)
+        self._count = np.zeros(size)
+
+    @property
+    def mean(self) -> float:
+        return self._mean_sum / self._mean_count
+
+    def ensure(self, items: Sequence[str]) -> np.ndarray:
+        """Rows of ``items``, adding unseen ones with a zero prior bias."""
+        rows = np.empty(len(items), dtype=np.int64)
+        for position, item in enumerate(items):
+            row = self._rows.get(item)
+            if row is None:
+                row = self._rows[item] = len(self._rows)
+                if row == self._prior.size:
+                    self._prior, self._sum, self._count = (
+                        np.concatenate([a, np.zeros(a.size)])
+                        for a in (self._prior, self._sum, self._count)
+                    )
+            rows[position] = row
+        return rows
+
+    def find(self, items: Sequence[str]) -> np.ndarray:
+        """Rows of ``items``, -1 for items never seen."""
+        rows = self._rows
+        return np.fromiter((rows.get(item, -1) for item in items), np.int64, len(items))
+
+    def bias(self, rows: np.ndarray) -> np.ndarray:
+        """Current bias of each row; a row of -1 (never seen) has bias 0."""
+        rows = np.asarray(rows)
+        seen = rows >= 0
+        out = np.zeros(rows.shape)
+        r = rows[seen]
+        lam = self.regularization
+        out[seen] = (lam * self._prior[r] + self._sum[r]) / np.maximum(lam + self._count[r], 1e-12)
+        return out
+
+    def count(self, rows: np.ndarray) -> np.ndarray:
+        """Online observations of each row (0 for -1)."""
+        rows = np.asarray(rows)
+        return np.where(rows >= 0, self._count[np.maximum(rows, 0)], 0.0)
+
+    def update(self, rows: np.ndarray, ratings: np.ndarray, residuals: np.ndarray) -> None:
+        """Fold a batch of observations in: ratings into the mean, residuals into item biases."""
+        self._mean_sum += float(np.sum(ratings))
+        self._mean_count += len(ratings)
+        np.add.at(self._sum, rows, residuals)
+        np.add.at(self._count, rows, 1.0)

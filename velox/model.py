@@ -1,0 +1,378 @@
+"""The per-user online model: ``score(u, i) = mu + b_i + w_u . f(i)``.
+
+This is the pure-Python API the serving tier calls with micro-batches:
+:meth:`OnlineModel.observe_many` (predict-then-learn, exact per-user ridge),
+:meth:`OnlineModel.predict` and :meth:`OnlineModel.topk`.
+
+Order of one observation ``(u, i, y)``:
+
+1. the prediction ``mu + b_i + w_u . f(i)`` is recorded (prequential error);
+2. the user's ridge state is updated with target ``t = y - mu - b_i`` (the
+   values as they stand; the target is returned so the log can record it);
+3. ``mu`` and ``b_i`` take the observation in (see :mod:`velox.biases`);
+4. if the feature model does not know ``i``, the item's fold-in state takes
+   the user's pre-update weights in, so its features improve.
+
+Observations of one user inside a batch are applied one after another, in
+arrival order, in successive kernel calls ("rounds"); the biases are read at
+the start of each round, so observations in the same round see the same
+``mu`` and ``b_i``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+
+from velox import kernels
+from velox.backend import CPU, Backend
+from velox.biases import OnlineBiases
+from velox.config import ModelConfig
+from velox.errors import InputError
+from velox.features import FeatureModel
+from velox.state import RidgeTable
+
+Explore = Literal["none", "ucb", "thompson"]
+EXPLORE_MODES: tuple[str, ...] = ("none", "ucb", "thompson")
+
+
+@dataclass(frozen=True)
+class ObserveResult:
+    """What ``observe_many`` did, per observation, in input order."""
+
+    predictions: np.ndarray
+    """The model's prediction just before the observation was applied."""
+    targets: np.ndarray
+    """``y - mu - b_i`` as applied to the user's state (what the log records)."""
+    cold: np.ndarray
+    """Whether the item is unknown to the feature model (folded in online)."""
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """Scores of a user for a list of items."""
+
+    items: list[str]
+    scores: np.ndarray
+    cold: np.ndarray
+
+
+@dataclass(frozen=True)
+class UserState:
+    """A user's online state, on the host."""
+
+    user: str
+    weights: np.ndarray
+    covariance: np.ndarray
+    observations: int
+    version: str
+    last_update: float
+    known: bool
+
+
+def normalize_ids(ids: Iterable[Any], what: str) -> list[str]:
+    """Ids are strings; integers are accepted and turned into strings."""
+    out = []
+    for value in ids:
+        if isinstance(value, bool) or not isinstance(value, str | int | np.integer):
+            raise InputError(f"{what} ids must be strings or integers, got {value!r}")
+        text = str(value)
+        if not text:
+            raise InputError(f"{what} ids must not be empty")
+        out.append(text)
+    return out
+
+
+def _rounds(keys: Sequence[str]) -> list[np.ndarray]:
+    """Positions grouped so that each key appears at most once per group, in arrival order."""
+    if len(set(keys)) == len(keys):
+        return [np.arange(len(keys))]
+    seen: dict[str, int] = {}
+    occurrence = np.empty(len(keys), dtype=np.int64)
+    for position, key in enumerate(keys):
+        occurrence[position] = seen.get(key, 0)
+        seen[key] = occurrence[position] + 1
+    return [np.flatnonzero(occurrence == r) for r in range(int(occurrence.max()) + 1)]
+
+
+class OnlineModel:
+    """Exact online per-user ridge over a fixed :class:`FeatureModel`, with online biases.
+
+    >>> from velox.features import MatrixFactorization
+    >>> mf = MatrixFactorization(["a", "b"], np.array([[1.0], [-1.0]]), version="v1")
+    >>> model = OnlineModel(mf, global_mean=3.0, item_bias=np.zeros(2))
+    >>> model.observe_many(["u1"], ["a"], [5.0]).predictions.tolist()
+    [3.0]
+    >>> model.predict("u1", ["a", "b"]).scores.round(3).tolist()
+    [4.43, 3.02]
+    """
+
+    def __init__(
+        self,
+        features: FeatureModel,
+        *,
+        global_mean: float,
+        item_bias: np.ndarray,
+        train_count: int = 0,
+        config: ModelConfig | None = None,
+        backend: Backend = CPU,
+    ) -> None:
+        config = config or ModelConfig()
+        item_bias = np.asarray(item_bias, dtype=np.float64)
+        if item_bias.shape != (len(features.item_ids),):
+            raise InputError(
+                f"item_bias must have one value per known item ({len(features.item_ids)}), "
+                f"got shape {item_bias.shape}"
+            )
+        self.config = config
+        self.features = features
+        self.backend = backend
+        self.biases = OnlineBiases(
+            global_mean,
+            train_count or config.mean_regularization,
+            features.item_ids,
+            item_bias,
+            regularization=config.bias_regularization,
+        )
+        common = {"backend": backend, "dtype": config.dtype}
+        self.users = RidgeTable(
+            features.dim,
+            regularization=config.regularization,
+            forgetting=config.forgetting,
+            refactor_interval=config.refactor_interval,
+            **common,
+        )
+        self._free = np.asarray(features.foldin_coords)
+        self._fixed = np.setdiff1d(np.arange(features.dim), self._free)
+        self._cold = features.cold_vector()
+        self.items = RidgeTable(
+            len(self._free), regularization=config.foldin_regularization, **common
+        )
+
+    @property
+    def version(self) -> str:
+        return self.features.version
+
+    # ----------------------------------------------------------------- state
+
+    def load_users(self, users: Sequence[Any], A: Any, b: Any, count: np.ndarray) -> None:
+        """Continue from training: set users' sufficient statistics (``(n, d, d)``, ``(n, d)``).
+
+        With ``prior = "mean"`` the prior of new users becomes the mean weight
+        vector of the loaded users.
+        """
+        keys = normalize_ids(users, "user")
+        self.users.load(keys, A, b, np.asarray(count))
+        if self.config.prior == "mean" and keys:
+            rows = self.users.find(keys)
+            mean = self.backend.to_numpy(self.users.w[rows].mean(axis=0))
+            self.users.prior_mean = mean.astype(self.users.dtype)
+
+    def user_state(self, user: Any) -> UserState:
+        """The user's state; an unknown user gets the prior (``known`` is False)."""
+        (key,) = normalize_ids([user], "user")
+        w, P, row = self._user_arrays(key)
+        to_np = self.backend.to_numpy
+        return UserState(
+            user=key,
+            weights=to_np(w),
+            covariance=to_np(P),
+            observations=int(self.users.count[row]) if row >= 0 else 0,
+            version=self.version,
+            last_update=float(self.users.updated[row]) if row >= 0 else 0.0,
+            known=row >= 0,
+        )
+
+    def _user_arrays(self, key: str) -> tuple[Any, Any, int]:
+        row = int(self.users.find([key])[0])
+        if row >= 0:
+            return self.users.w[row], self.users.P[row], row
+        xp, dim = self.backend.xp, self.features.dim
+        prior = self.backend.asarray(self.users.prior_mean)
+        return prior, xp.eye(dim, dtype=self.users.dtype) / self.config.regularization, row
+
+    def _item_vectors(self, keys: Sequence[str], rows: np.ndarray) -> Any:
+        """Feature vectors of items: trained ones, folded-in ones, or the cold base vector."""
+        xp = self.backend.xp
+        out = xp.empty((len(keys), self.features.dim), dtype=self.users.dtype)
+        known = rows >= 0
+        if known.any():
+            out[xp.asarray(np.flatnonzero(known))] = self.features.vectors(rows[known])
+        if not known.all():
+            cold_positions = np.flatnonzero(~known)
+            base = np.tile(self._cold, (cold_positions.size, 1))
+            folded = self.items.find([keys[p] for p in cold_positions])
+            have = folded >= 0
+            if have.any():
+                learned = self.backend.to_numpy(self.items.w[folded[have]])
+                base[np.ix_(np.flatnonzero(have), self._free)] = learned
+            out[xp.asarray(cold_positions)] = self.backend.asarray(base)
+        return out
+
+    # --------------------------------------------------------------- observe
+
+    def observe_many(
+        self,
+        users: Sequence[Any],
+        items: Sequence[Any],
+        ratings: Sequence[float] | np.ndarray,
+        timestamps: Sequence[float] | np.ndarray | None = None,
+    ) -> ObserveResult:
+        """Predict, then learn, a batch of observations in order; exact per user.
+
+        Everything is validated before anything changes: mismatched lengths,
+        an empty batch, bad ids or non-finite ratings raise :class:`InputError`
+        and leave the model as it was.
+        """
+        user_keys = normalize_ids(users, "user")
+        item_keys = normalize_ids(items, "item")
+        y = np.asarray(ratings, dtype=np.float64)
+        n = len(user_keys)
+        if n == 0:
+            raise InputError("an observation batch must not be empty")
+        if len(item_keys) != n or y.shape != (n,):
+            raise InputError(
+                f"users, items and ratings must have the same length, got "
+                f"{n}, {len(item_keys)} and {y.shape}"
+            )
+        if not np.isfinite(y).all():
+            raise InputError("ratings must be finite numbers (no NaN or infinity)")
+        when = np.zeros(n) if timestamps is None else np.asarray(timestamps, dtype=np.float64)
+        if when.shape != (n,) or not np.isfinite(when).all():
+            raise InputError(f"timestamps must be {n} finite numbers")
+        predictions, targets = np.empty(n), np.empty(n)
+        cold = np.zeros(n, dtype=bool)
+        for positions in _rounds(user_keys):
+            self._apply_round(positions, user_keys, item_keys, y, when, predictions, targets, cold)
+        return ObserveResult(predictions, targets, cold)
+
+    def _apply_round(
+        self,
+        positions: np.ndarray,
+        user_keys: Sequence[str],
+        item_keys: Sequence[str],
+        y: np.ndarray,
+        when: np.ndarray,
+        predictions: np.ndarray,
+        targets: np.ndarray,
+        cold: np.ndarray,
+    ) -> None:
+        users = [user_keys[p] for p in positions]
+        items = [item_keys[p] for p in positions]
+        ratings = y[positions]
+        feature_rows = self.features.lookup(items)
+        is_cold = feature_rows < 0
+        f = self._item_vectors(items, feature_rows)
+        bias_rows = self.biases.ensure(items)
+        mu, bias = self.biases.mean, self.biases.bias(bias_rows)
+        t = ratings - mu - bias
+        user_rows = self.users.ensure(users)
+        w_before = self.users.w[user_rows[is_cold]] if is_cold.any() else None
+        linear = self.backend.to_numpy(
+            self.users.update(user_rows, f, self.backend.asarray(t), when[positions])
+        )
+        self.biases.update(bias_rows, ratings, ratings - mu - linear)
+        if w_before is not None:
+            cold_positions = np.flatnonzero(is_cold)
+            self._fold_in([items[p] for p in cold_positions], w_before, t[is_cold], when[positions][is_cold])
+        predictions[positions] = mu + bias + linear
+        targets[positions] = t
+        cold[positions] = is_cold
+
+    def _fold_in(self, items: list[str], weights: Any, t: np.ndarray, when: np.ndarray) -> None:
+        """Ridge-update unknown items' free coordinates over the raters' weights."""
+        xp = self.backend.xp
+        fixed_part = weights[:, self._fixed] @ xp.asarray(self._cold[self._fixed])
+        x = xp.ascontiguousarray(weights[:, self._free])
+        target = self.backend.asarray(t) - fixed_part
+        for positions in _rounds(items):
+            rows = self.items.ensure([items[p] for p in positions])
+            index = xp.asarray(positions)
+            self.items.update(rows, x[index], target[index], when[positions])
+
+    # ---------------------------------------------------------------- predict
+
+    def predict(self, user: Any, items: Sequence[Any]) -> Prediction:
+        """``mu + b_i + w_u . f(i)`` for each item; unknown users get the prior."""
+        keys = normalize_ids(items, "item")
+        if not keys:
+            raise InputError("predict needs at least one item")
+        (user_key,) = normalize_ids([user], "user")
+        w, _, _ = self._user_arrays(user_key)
+        rows = self.features.lookup(keys)
+        f = self._item_vectors(keys, rows)
+        linear = self.backend.to_numpy(f @ w)
+        scores = self.biases.mean + self.biases.bias(self.biases.find(keys)) + linear
+        return Prediction(keys, scores, rows < 0)
+
+    def predict_pairs(self, users: Sequence[Any], items: Sequence[Any]) -> np.ndarray:
+        """Scores for ``(users[j], items[j])`` pairs in one pass, without learning."""
+        user_keys = normalize_ids(users, "user")
+        item_keys = normalize_ids(items, "item")
+        if len(user_keys) != len(item_keys) or not user_keys:
+            raise InputError("predict_pairs needs equally many users and items, at least one")
+        rows = self.users.find(user_keys)
+        known = rows >= 0
+        w = self.backend.xp.empty((len(user_keys), self.features.dim), dtype=self.users.dtype)
+        w[...] = self.backend.asarray(self.users.prior_mean)
+        if known.any():
+            w[self.backend.xp.asarray(np.flatnonzero(known))] = self.users.w[rows[known]]
+        f = self._item_vectors(item_keys, self.features.lookup(item_keys))
+        linear = self.backend.to_numpy((w * f).sum(axis=1))
+        return self.biases.mean + self.biases.bias(self.biases.find(item_keys)) + linear
+
+    def topk(
+        self,
+        user: Any,
+        k: int,
+        *,
+        candidates: Sequence[Any] | None = None,
+        exclude: Iterable[Any] = (),
+        explore: Explore = "none",
+        alpha: float = 1.0,
+        rng: Any = None,
+    ) -> Prediction:
+        """The ``k`` best items for ``user`` among ``candidates`` (default: every item).
+
+        ``explore = "ucb"`` adds ``alpha * sqrt(f^T P_u f)``; ``"thompson"``
+        scores with weights drawn from ``N(w_u, alpha^2 P_u)``. The returned
+        scores are the ranking scores, exploration included.
+        """
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise InputError(f"k must be a positive integer, got {k!r}")
+        if explore not in EXPLORE_MODES:
+            raise InputError(f"explore must be one of {', '.join(EXPLORE_MODES)}, got {explore!r}")
+        if not np.isfinite(alpha) or alpha < 0:
+            raise InputError(f"alpha must be a finite number >= 0, got {alpha!r}")
+        if candidates is None:
+            keys = [*self.features.item_ids, *self._folded_only()]
+        else:
+            keys = normalize_ids(candidates, "item")
+        banned = set(normalize_ids(exclude, "item"))
+        if banned:
+            keys = [key for key in keys if key not in banned]
+        if not keys:
+            return Prediction([], np.empty(0), np.empty(0, dtype=bool))
+        (user_key,) = normalize_ids([user], "user")
+        w, P, _ = self._user_arrays(user_key)
+        rows = self.features.lookup(keys)
+        f = self._item_vectors(keys, rows)
+        if explore == "thompson":
+            rng = rng if rng is not None else self.backend.default_rng()
+            w = kernels.thompson_sample(w[None], P[None], alpha, rng)[0]
+        ranking = f @ w
+        if explore == "ucb":
+            ranking = ranking + alpha * kernels.ucb_bonus(P[None], f)[0]
+        scores = self.biases.mean + self.biases.bias(self.biases.find(keys))
+        scores = scores + self.backend.to_numpy(ranking)
+        top = min(k, len(keys))
+        best = np.argpartition(-scores, top - 1)[:top]
+        best = best[np.argsort(-scores[best], kind="stable")]
+        return Prediction([keys[i] for i in best], scores[best], rows[best] < 0)
+
+    def _folded_only(self) -> list[str]:
+        known = set(self.features.item_ids)
+        return [item for item in self.items.keys if item not in known]
