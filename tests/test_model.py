@@ -1,0 +1,188 @@
+"""The per-user online model: exactness for recorded targets, order, bad input, fold-in, top-K."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tests.kernel_checks import batch_solution, relative_error
+from velox.config import ModelConfig
+from velox.errors import InputError
+from velox.features import MatrixFactorization
+from velox.model import OnlineModel
+
+
+def _model(rank=3, items=20, **config) -> OnlineModel:
+    rng = np.random.default_rng(0)
+    ids = [f"i{j}" for j in range(items)]
+    features = MatrixFactorization(ids, rng.normal(size=(items, rank)), version="v7")
+    return OnlineModel(features, global_mean=3.5, item_bias=rng.normal(0, 0.3, items),
+                       train_count=1000, config=ModelConfig(rank=rank, **config))
+
+
+def _snapshot(model: OnlineModel):
+    n = len(model.users)
+    return (
+        model.users.w[:n].copy(), model.users.A[:n].copy(), model.biases.mean,
+        model.biases.bias(np.arange(len(model.features.item_ids))).copy(), len(model.items),
+    )
+
+
+def test_user_weights_equal_batch_ridge_of_recorded_targets():
+    model = _model(regularization=0.7)
+    rng = np.random.default_rng(1)
+    users = rng.choice(["a", "b", "c"], size=300).tolist()
+    items = rng.choice(model.features.item_ids, size=300).tolist()
+    ratings = rng.integers(1, 6, size=300).astype(float)
+    targets = []
+    for start in range(0, 300, 17):  # uneven micro-batches, repeated users inside them
+        part = slice(start, start + 17)
+        targets.append(model.observe_many(users[part], items[part], ratings[part]).targets)
+    targets = np.concatenate(targets)
+    F = model.features.matrix()
+    for user in ("a", "b", "c"):
+        mine = np.array([u == user for u in users])
+        f = F[model.features.lookup(np.array(items)[mine].tolist())]
+        want, _ = batch_solution(0.7, 1.0, f, targets[mine], np.zeros(model.features.dim))
+        assert relative_error(model.user_state(user).weights, want) < 1e-8
+        assert model.user_state(user).observations == mine.sum()
+
+
+def test_a_batch_equals_the_same_observations_one_call_at_a_time_for_one_user():
+    batched, single = _model(), _model()
+    items, ratings = ["i1", "i2", "i1", "i5"], [5.0, 1.0, 4.0, 2.0]
+    got = batched.observe_many(["u"] * 4, items, ratings)
+    want = [single.observe_many(["u"], [i], [r]) for i, r in zip(items, ratings, strict=True)]
+    np.testing.assert_allclose(got.predictions, [w.predictions[0] for w in want], rtol=1e-12)
+    np.testing.assert_allclose(batched.user_state("u").weights, single.user_state("u").weights,
+                               rtol=1e-12)
+
+
+def test_prediction_is_the_model_formula_and_observe_moves_it():
+    model = _model()
+    before = model.predict("u", ["i3"]).scores[0]
+    prior = model.user_state("u")
+    assert not prior.known
+    f = model.features.matrix()[3]
+    bias = model.biases.bias(model.biases.find(["i3"]))[0]
+    assert before == pytest.approx(model.biases.mean + bias + prior.weights @ f)
+    result = model.observe_many(["u"], ["i3"], [5.0])
+    assert result.predictions[0] == pytest.approx(before)
+    assert model.predict("u", ["i3"]).scores[0] > before
+    assert model.user_state("u").observations == 1
+
+
+@pytest.mark.parametrize(
+    ("users", "items", "ratings", "message"),
+    [
+        ([], [], [], "must not be empty"),
+        (["u", "v"], ["i1"], [3.0, 4.0], "same length"),
+        (["u"], ["i1"], [float("nan")], "finite"),
+        (["u"], ["i1"], [float("inf")], "finite"),
+        (["u", None], ["i1", "i2"], [3.0, 4.0], "strings or integers"),
+        (["u"], [""], [3.0], "must not be empty"),
+    ],
+)
+def test_bad_observations_raise_and_change_nothing(users, items, ratings, message):
+    model = _model()
+    model.observe_many(["x", "y"], ["i1", "new"], [4.0, 2.0])
+    before = _snapshot(model)
+    with pytest.raises(InputError, match=message):
+        model.observe_many(users, items, ratings)
+    after = _snapshot(model)
+    for got, want in zip(after, before, strict=True):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_integer_ids_are_strings():
+    model = _model()
+    model.observe_many([42], ["i1"], [4.0])
+    assert model.user_state("42").known
+
+
+def test_fold_in_learns_an_unknown_item_from_its_raters():
+    model = _model(rank=3, items=30)
+    rng = np.random.default_rng(3)
+    F = model.features.matrix()
+    users = [f"u{j}" for j in range(40)]
+    taste = np.where(np.arange(40) < 20, 1.5, -1.5)  # half like factor 0, half dislike it
+    for _ in range(15):  # users learn their tastes on known items
+        items = rng.choice(model.features.item_ids, size=len(users)).tolist()
+        liking = taste * F[model.features.lookup(items), 0]
+        model.observe_many(users, items, np.clip(3.5 + liking, 1, 5))
+    lovers, haters = users[:20], users[20:]
+    cold_before = model.predict(lovers[0], ["newcomer"])
+    assert cold_before.cold.tolist() == [True]
+    model.observe_many(lovers + haters, ["newcomer"] * len(users),
+                       [5.0] * len(lovers) + [1.0] * len(haters))
+    assert "newcomer" in model.items
+    assert model.predict(lovers[0], ["newcomer"]).scores[0] > model.predict(
+        haters[0], ["newcomer"]).scores[0] + 0.5
+    assert "newcomer" in model.topk(lovers[0], 100).items
+
+
+def test_topk_is_sorted_respects_candidates_and_exclusion():
+    model = _model()
+    model.observe_many(["u"] * 3, ["i1", "i2", "i3"], [5.0, 1.0, 4.0])
+    full = model.predict("u", model.features.item_ids)
+    top = model.topk("u", 5)
+    assert list(top.scores) == sorted(top.scores, reverse=True)
+    assert top.items == [full.items[j] for j in np.argsort(-full.scores, kind="stable")[:5]]
+    assert set(model.topk("u", 10, candidates=["i4", "i5", "i6"]).items) == {"i4", "i5", "i6"}
+    assert "i1" not in model.topk("u", 20, exclude=["i1"]).items
+    assert len(model.topk("u", 20, exclude=["i1"]).items) == 19
+
+
+def test_exploration_only_when_asked():
+    model = _model()
+    plain = model.topk("u", 20)
+    np.testing.assert_allclose(plain.scores, model.topk("u", 20, explore="none").scores)
+    ucb = model.topk("u", 20, explore="ucb", alpha=1.0)
+    assert ucb.scores.sum() > plain.scores.sum()  # a positive bonus for every item
+    draws = {tuple(model.topk("u", 3, explore="thompson", alpha=2.0,
+                              rng=np.random.default_rng(s)).items) for s in range(10)}
+    assert len(draws) > 1
+    with pytest.raises(InputError, match="explore"):
+        model.topk("u", 3, explore="greedy")
+    with pytest.raises(InputError, match="k must"):
+        model.topk("u", 0)
+
+
+def test_prior_for_new_users_is_the_mean_of_loaded_users():
+    model = _model(rank=2, prior="mean")
+    A = np.tile(np.eye(3) * 2.0, (2, 1, 1))
+    b = np.array([[2.0, 0.0, 4.0], [0.0, 2.0, 0.0]])
+    model.load_users(["p", "q"], A, b, np.array([3, 4]))
+    np.testing.assert_allclose(model.user_state("p").weights, [1.0, 0.0, 2.0])
+    np.testing.assert_allclose(model.user_state("nobody").weights, [0.5, 0.5, 1.0])
+    zero = _model(rank=2, prior="zero")
+    zero.load_users(["p", "q"], A, b, np.array([3, 4]))
+    np.testing.assert_allclose(zero.user_state("nobody").weights, 0.0)
+
+
+def test_online_biases_follow_the_stream():
+    model = _model()
+    before = model.predict("someone", ["i4"]).scores[0]
+    model.observe_many([f"u{j}" for j in range(200)], ["i4"] * 200, [5.0] * 200)
+    assert model.predict("someone", ["i4"]).scores[0] > before + 0.5
+
+
+def test_online_learning_beats_the_frozen_model_on_a_drifting_stream(trained, drifting_stream):
+    from velox.als import online_model
+    from velox.evaluation import prequential
+
+    _, future = drifting_stream
+    config = ModelConfig(rank=4, regularization=2.0)
+    frozen = prequential(online_model(trained, version="v", config=config), future, learn=False)
+    online = prequential(online_model(trained, version="v", config=config), future)
+    assert online.rmse < frozen.rmse - 0.03
+    assert frozen.window_rmse[-1] > frozen.window_rmse[0]  # the stale model degrades
+
+
+def test_float32_model_runs_and_stays_close_to_float64():
+    a, b = _model(dtype="float32"), _model(dtype="float64")
+    for m in (a, b):
+        m.observe_many(["u", "v", "u"], ["i1", "i2", "i3"], [5.0, 2.0, 4.0])
+    assert a.users.w.dtype == np.float32
+    np.testing.assert_allclose(a.predict("u", ["i4"]).scores, b.predict("u", ["i4"]).scores,
+                               rtol=1e-5)
