@@ -35,7 +35,10 @@ def drifting_stream():
 def trained(drifting_stream):
     train, _ = drifting_stream
     return train_als(
-        Ratings.from_table(train), rank=4, user_regularization=2.0, item_regularization=5.0,
+        Ratings.from_table(train),
+        rank=4,
+        user_regularization=2.0,
+        item_regularization=5.0,
         iterations=5,
     )
 

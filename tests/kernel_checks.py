@@ -69,15 +69,16 @@ class KernelChecks:
     def run_stream(self, lam, gamma, f, t, w0):
         P, w, A, b = self.prior_states(1, f.shape[1], lam, w0)
         for row, target in zip(f, t, strict=True):
-            type(self).update(P, w, A, b, self.xp.asarray(row[None]), self.xp.asarray([target]),
-                              gamma)
+            type(self).update(
+                P, w, A, b, self.xp.asarray(row[None]), self.xp.asarray([target]), gamma
+            )
         return P, w, A, b
 
     @settings(max_examples=60, deadline=None, suppress_health_check=SUPPRESSED)
     @given(streams(forgetting=False))
     def test_online_equals_batch_ridge(self, case):
-        d, lam, gamma, f, t, w0 = case
-        P, w, A, _ = self.run_stream(lam, gamma, f, t, w0)
+        _, lam, gamma, f, t, w0 = case
+        _, w, A, _ = self.run_stream(lam, gamma, f, t, w0)
         want, A_want = batch_solution(lam, gamma, f, t, w0)
         assert relative_error(self.to_np(w)[0], want) < 1e-8
         np.testing.assert_allclose(self.to_np(A)[0], A_want, rtol=1e-12, atol=1e-12)
@@ -85,7 +86,7 @@ class KernelChecks:
     @settings(max_examples=60, deadline=None, suppress_health_check=SUPPRESSED)
     @given(streams(forgetting=True))
     def test_forgetting_equals_weighted_batch_ridge(self, case):
-        d, lam, gamma, f, t, w0 = case
+        _, lam, gamma, f, t, w0 = case
         _, w, _, _ = self.run_stream(lam, gamma, f, t, w0)
         want, _ = batch_solution(lam, gamma, f, t, w0)
         assert relative_error(self.to_np(w)[0], want) < 1e-8
@@ -96,16 +97,21 @@ class KernelChecks:
         batch, d = 33, 6
         states = self.prior_states(batch, d, 1.5)
         for _ in range(5):
-            type(self).update(*states, self.xp.asarray(rng.normal(size=(batch, d))),
-                              self.xp.asarray(rng.normal(size=batch)), gamma)
+            type(self).update(
+                *states,
+                self.xp.asarray(rng.normal(size=(batch, d))),
+                self.xp.asarray(rng.normal(size=batch)),
+                gamma,
+            )
         single = [s.copy() for s in states]
         f, t = rng.normal(size=(batch, d)), rng.normal(size=batch)
         pred = type(self).update(*states, self.xp.asarray(f), self.xp.asarray(t), gamma)
         for j in range(batch):
             part = [s[j : j + 1] for s in single]
-            one = type(self).update(*part, self.xp.asarray(f[j : j + 1]),
-                                    self.xp.asarray(t[j : j + 1]), gamma)
-            for name, s, p in zip("PwAb", single, part, strict=True):
+            one = type(self).update(
+                *part, self.xp.asarray(f[j : j + 1]), self.xp.asarray(t[j : j + 1]), gamma
+            )
+            for s, p in zip(single, part, strict=True):
                 s[j : j + 1] = p
             np.testing.assert_allclose(self.to_np(one), self.to_np(pred)[j : j + 1], rtol=1e-13)
         for got, want in zip(states, single, strict=True):
@@ -116,12 +122,14 @@ class KernelChecks:
         states = self.prior_states(10, 4, 1.0)
         gathered = [s[self.xp.asarray([7, 2, 5])].copy() for s in states]
         f, t = rng.normal(size=(3, 4)), rng.normal(size=3)
-        kernels.rank_one_update(*states, self.xp.asarray(f), self.xp.asarray(t),
-                                rows=np.array([7, 2, 5]))
+        kernels.rank_one_update(
+            *states, self.xp.asarray(f), self.xp.asarray(t), rows=np.array([7, 2, 5])
+        )
         kernels.rank_one_update(*gathered, self.xp.asarray(f), self.xp.asarray(t))
         for full, part in zip(states, gathered, strict=True):
-            np.testing.assert_allclose(self.to_np(full[self.xp.asarray([7, 2, 5])]),
-                                       self.to_np(part), rtol=1e-14)
+            np.testing.assert_allclose(
+                self.to_np(full[self.xp.asarray([7, 2, 5])]), self.to_np(part), rtol=1e-14
+            )
         untouched = self.to_np(states[0][self.xp.asarray([0, 1, 3])])
         np.testing.assert_array_equal(untouched, np.tile(np.eye(4), (3, 1, 1)))
 
@@ -156,8 +164,12 @@ class KernelChecks:
         states = self.prior_states(3, 4, 1.0)
         before = [self.to_np(s).copy() for s in states]
         with pytest.raises(InputError, match=message):
-            kernels.rank_one_update(*states, self.xp.ones(f_shape), self.xp.ones(t_shape),
-                                    rows=None if rows is None else np.array(rows))
+            kernels.rank_one_update(
+                *states,
+                self.xp.ones(f_shape),
+                self.xp.ones(t_shape),
+                rows=None if rows is None else np.array(rows),
+            )
         for got, want in zip(states, before, strict=True):
             np.testing.assert_array_equal(self.to_np(got), want)
 
@@ -178,8 +190,9 @@ class KernelChecks:
         b = rng.normal(size=(5, 6))
         P, w = kernels.ridge_refit(self.xp.asarray(A), self.xp.asarray(b))
         np.testing.assert_allclose(self.to_np(P), np.linalg.inv(A), rtol=1e-10, atol=1e-12)
-        np.testing.assert_allclose(self.to_np(w), np.linalg.solve(A, b[..., None])[..., 0],
-                                   rtol=1e-10)
+        np.testing.assert_allclose(
+            self.to_np(w), np.linalg.solve(A, b[..., None])[..., 0], rtol=1e-10
+        )
         with pytest.raises(NotPositiveDefiniteError, match="not positive definite"):
             kernels.ridge_solve(self.xp.asarray(-A), self.xp.asarray(b))
 
@@ -188,8 +201,9 @@ class KernelChecks:
         W, F = rng.normal(size=(3, 4)), rng.normal(size=(7, 4))
         M = rng.normal(size=(3, 4, 4))
         P = M @ M.transpose(0, 2, 1)
-        np.testing.assert_allclose(self.to_np(kernels.scores(self.xp.asarray(W),
-                                                             self.xp.asarray(F))), W @ F.T)
+        np.testing.assert_allclose(
+            self.to_np(kernels.scores(self.xp.asarray(W), self.xp.asarray(F))), W @ F.T
+        )
         bonus = self.to_np(kernels.ucb_bonus(self.xp.asarray(P), self.xp.asarray(F)))
         want = np.sqrt(np.einsum("nd,bde,ne->bn", F, P, F))
         np.testing.assert_allclose(bonus, want, rtol=1e-12)
@@ -208,9 +222,17 @@ class KernelChecks:
         P, w, A, b = (s.astype(self.xp.float32) for s in self.prior_states(4, 3, 1.0))
         rng = np.random.default_rng(4)
         f, t = rng.normal(size=(4, 3)), rng.normal(size=4)
-        type(self).update(P, w, A, b, self.xp.asarray(f, dtype=self.xp.float32),
-                          self.xp.asarray(t, dtype=self.xp.float32), 1.0)
+        type(self).update(
+            P,
+            w,
+            A,
+            b,
+            self.xp.asarray(f, dtype=self.xp.float32),
+            self.xp.asarray(t, dtype=self.xp.float32),
+            1.0,
+        )
         assert w.dtype == self.xp.float32
-        want = np.stack([np.linalg.solve(np.eye(3) + np.outer(r, r), r * s)
-                         for r, s in zip(f, t, strict=True)])
+        want = np.stack(
+            [np.linalg.solve(np.eye(3) + np.outer(r, r), r * s) for r, s in zip(f, t, strict=True)]
+        )
         np.testing.assert_allclose(self.to_np(w), want, rtol=1e-5, atol=1e-6)

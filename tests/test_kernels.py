@@ -51,8 +51,9 @@ def test_without_refactorisation_the_inverse_drifts_and_refit_repairs_it():
     d, n = 8, 20_000
     f = rng.normal(size=(n, d)).astype(np.float32)
     t = (f @ rng.normal(size=d)).astype(np.float32)
-    drifting = RidgeTable(d, regularization=1.0, backend=CPU, dtype="float32",
-                          refactor_interval=10**9)
+    drifting = RidgeTable(
+        d, regularization=1.0, backend=CPU, dtype="float32", refactor_interval=10**9
+    )
     refit = RidgeTable(d, regularization=1.0, backend=CPU, dtype="float32", refactor_interval=500)
     for table in (drifting, refit):
         row = table.ensure(["u"])

@@ -16,15 +16,23 @@ def _model(rank=3, items=20, **config) -> OnlineModel:
     rng = np.random.default_rng(0)
     ids = [f"i{j}" for j in range(items)]
     features = MatrixFactorization(ids, rng.normal(size=(items, rank)), version="v7")
-    return OnlineModel(features, global_mean=3.5, item_bias=rng.normal(0, 0.3, items),
-                       train_count=1000, config=ModelConfig(rank=rank, **config))
+    return OnlineModel(
+        features,
+        global_mean=3.5,
+        item_bias=rng.normal(0, 0.3, items),
+        train_count=1000,
+        config=ModelConfig(rank=rank, **config),
+    )
 
 
 def _snapshot(model: OnlineModel):
     n = len(model.users)
     return (
-        model.users.w[:n].copy(), model.users.A[:n].copy(), model.biases.mean,
-        model.biases.bias(np.arange(len(model.features.item_ids))).copy(), len(model.items),
+        model.users.w[:n].copy(),
+        model.users.A[:n].copy(),
+        model.biases.mean,
+        model.biases.bias(np.arange(len(model.features.item_ids))).copy(),
+        len(model.items),
     )
 
 
@@ -54,8 +62,9 @@ def test_a_batch_equals_the_same_observations_one_call_at_a_time_for_one_user():
     got = batched.observe_many(["u"] * 4, items, ratings)
     want = [single.observe_many(["u"], [i], [r]) for i, r in zip(items, ratings, strict=True)]
     np.testing.assert_allclose(got.predictions, [w.predictions[0] for w in want], rtol=1e-12)
-    np.testing.assert_allclose(batched.user_state("u").weights, single.user_state("u").weights,
-                               rtol=1e-12)
+    np.testing.assert_allclose(
+        batched.user_state("u").weights, single.user_state("u").weights, rtol=1e-12
+    )
 
 
 def test_prediction_is_the_model_formula_and_observe_moves_it():
@@ -113,11 +122,14 @@ def test_fold_in_learns_an_unknown_item_from_its_raters():
     lovers, haters = users[:20], users[20:]
     cold_before = model.predict(lovers[0], ["newcomer"])
     assert cold_before.cold.tolist() == [True]
-    model.observe_many(lovers + haters, ["newcomer"] * len(users),
-                       [5.0] * len(lovers) + [1.0] * len(haters))
+    model.observe_many(
+        lovers + haters, ["newcomer"] * len(users), [5.0] * len(lovers) + [1.0] * len(haters)
+    )
     assert "newcomer" in model.items
-    assert model.predict(lovers[0], ["newcomer"]).scores[0] > model.predict(
-        haters[0], ["newcomer"]).scores[0] + 0.5
+    assert (
+        model.predict(lovers[0], ["newcomer"]).scores[0]
+        > model.predict(haters[0], ["newcomer"]).scores[0] + 0.5
+    )
     assert "newcomer" in model.topk(lovers[0], 100).items
 
 
@@ -139,8 +151,10 @@ def test_exploration_only_when_asked():
     np.testing.assert_allclose(plain.scores, model.topk("u", 20, explore="none").scores)
     ucb = model.topk("u", 20, explore="ucb", alpha=1.0)
     assert ucb.scores.sum() > plain.scores.sum()  # a positive bonus for every item
-    draws = {tuple(model.topk("u", 3, explore="thompson", alpha=2.0,
-                              rng=np.random.default_rng(s)).items) for s in range(10)}
+    draws = {
+        tuple(model.topk("u", 3, explore="thompson", alpha=2.0, rng=np.random.default_rng(s)).items)
+        for s in range(10)
+    }
     assert len(draws) > 1
     with pytest.raises(InputError, match="explore"):
         model.topk("u", 3, explore="greedy")
@@ -184,5 +198,6 @@ def test_float32_model_runs_and_stays_close_to_float64():
     for m in (a, b):
         m.observe_many(["u", "v", "u"], ["i1", "i2", "i3"], [5.0, 2.0, 4.0])
     assert a.users.w.dtype == np.float32
-    np.testing.assert_allclose(a.predict("u", ["i4"]).scores, b.predict("u", ["i4"]).scores,
-                               rtol=1e-5)
+    np.testing.assert_allclose(
+        a.predict("u", ["i4"]).scores, b.predict("u", ["i4"]).scores, rtol=1e-5
+    )

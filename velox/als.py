@@ -43,10 +43,12 @@ class Ratings:
     @classmethod
     def from_table(cls, table: pa.Table) -> Ratings:
         """Index an observation table (string ids) densely."""
-        user_ids, users = np.unique(table.column("user").to_numpy(zero_copy_only=False),
-                                    return_inverse=True)
-        item_ids, items = np.unique(table.column("item").to_numpy(zero_copy_only=False),
-                                    return_inverse=True)
+        user_ids, users = np.unique(
+            table.column("user").to_numpy(zero_copy_only=False), return_inverse=True
+        )
+        item_ids, items = np.unique(
+            table.column("item").to_numpy(zero_copy_only=False), return_inverse=True
+        )
         values = table.column("rating").to_numpy().astype(np.float64)
         return cls(users, items, values, user_ids.astype(str), item_ids.astype(str))
 
@@ -114,18 +116,24 @@ def train_als(
     for iteration in range(iterations + 1):
         started = time.perf_counter()
         item_features = np.hstack([factors, np.ones((n_items, 1))])
-        A, b, w = half_step(u, i, y - mu - item_bias[i], n_users, item_features,
-                            user_regularization, backend)
+        A, b, w = half_step(
+            u, i, y - mu - item_bias[i], n_users, item_features, user_regularization, backend
+        )
         residual = y - mu - item_bias[i] - np.einsum("ij,ij->i", w[u], item_features[i])
         rmse = float(np.sqrt(np.mean(residual**2)))
         if iteration == iterations:
             break
         user_features = np.hstack([w[:, :rank], np.ones((n_users, 1))])
-        _, _, solved = half_step(i, u, y - mu - w[u, rank], n_items, user_features,
-                                 item_regularization, backend)
+        _, _, solved = half_step(
+            i, u, y - mu - w[u, rank], n_items, user_features, item_regularization, backend
+        )
         factors, item_bias = solved[:, :rank], solved[:, rank]
-        log.info("ALS iteration %d: train RMSE %.4f (%.2fs)", iteration + 1, rmse,
-                 time.perf_counter() - started)
+        log.info(
+            "ALS iteration %d: train RMSE %.4f (%.2fs)",
+            iteration + 1,
+            rmse,
+            time.perf_counter() - started,
+        )
     return ALSResult(
         user_ids=ratings.user_ids,
         item_ids=ratings.item_ids,

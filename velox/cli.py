@@ -36,7 +36,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="velox", description=__doc__)
     parser.add_argument("--config", help="TOML settings file (default: conf/velox.toml)")
     parser.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
         help="override one setting; repeatable; wins over the file and the environment",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress")

@@ -58,10 +58,15 @@ class ModelConfig:
         1.0, "Ridge lambda of each user's prior (A_u starts at lambda * I).", low=0.0, low_open=True
     )
     prior: str = setting(
-        "mean", "Prior mean w0 of a new user: mean of known users, or zero.", choices=("mean", "zero")
+        "mean",
+        "Prior mean w0 of a new user: mean of known users, or zero.",
+        choices=("mean", "zero"),
     )
     forgetting: float = setting(
-        1.0, "Forgetting factor gamma in (0, 1]; 1 keeps every observation.", low=0.0, high=1.0,
+        1.0,
+        "Forgetting factor gamma in (0, 1]; 1 keeps every observation.",
+        low=0.0,
+        high=1.0,
         low_open=True,
     )
     dtype: str = setting(
@@ -71,11 +76,15 @@ class ModelConfig:
         25.0, "Pseudo-count pulling an item's online bias to its trained value.", low=0.0
     )
     mean_regularization: float = setting(
-        100.0, "Pseudo-count of the global mean when the model has no training count.", low=0.0,
+        100.0,
+        "Pseudo-count of the global mean when the model has no training count.",
+        low=0.0,
         low_open=True,
     )
     foldin_regularization: float = setting(
-        1.0, "Ridge lambda of the online fold-in of items the model does not know.", low=0.0,
+        1.0,
+        "Ridge lambda of the online fold-in of items the model does not know.",
+        low=0.0,
         low_open=True,
     )
     refactor_interval: int = setting(
@@ -88,7 +97,8 @@ class ComputeConfig:
     """Which array library runs the kernels."""
 
     device: str = setting(
-        "auto", "auto: CuPy when it imports and sees a GPU, else NumPy; cpu; gpu (error if none).",
+        "auto",
+        "auto: CuPy when it imports and sees a GPU, else NumPy; cpu; gpu (error if none).",
         choices=("auto", "cpu", "gpu"),
     )
 

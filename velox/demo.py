@@ -23,8 +23,10 @@ from velox.evaluation import prequential
 def run_demo(config: VeloxConfig, spec: SyntheticSpec, emit: Callable[[str], None] = print) -> dict:
     """Run the demo and return each variant's prequential report (also printed via ``emit``)."""
     backend = get_backend(config.compute.device)
-    emit(f"velox demo on {backend.name}: {spec.users} users, {spec.items} items, "
-         f"{spec.ratings} ratings, drift {spec.drift}")
+    emit(
+        f"velox demo on {backend.name}: {spec.users} users, {spec.items} items, "
+        f"{spec.ratings} ratings, drift {spec.drift}"
+    )
     table = synthesize(spec)
     half = table.num_rows // 2
     train, stream = table.slice(0, half), table.slice(half)
@@ -37,8 +39,10 @@ def run_demo(config: VeloxConfig, spec: SyntheticSpec, emit: Callable[[str], Non
         iterations=10,
         backend=backend,
     )
-    emit(f"trained biased ALS (rank {config.model.rank}) on {half} ratings in "
-         f"{time.perf_counter() - started:.1f}s: train RMSE {result.train_rmse:.4f}")
+    emit(
+        f"trained biased ALS (rank {config.model.rank}) on {half} ratings in "
+        f"{time.perf_counter() - started:.1f}s: train RMSE {result.train_rmse:.4f}"
+    )
     variants = {
         "frozen model": (config.model, False),
         "online (Velox)": (config.model, True),

@@ -7,7 +7,7 @@ non-zero instead of showing a traceback.
 
 
 class VeloxError(Exception):
-    """An error caused by the user's input or environment, with a message that says how to fix it."""
+    """Caused by the user's input or environment; the message says how to fix it."""
 
 
 class ConfigError(VeloxError, ValueError):

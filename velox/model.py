@@ -277,7 +277,9 @@ class OnlineModel:
         self.biases.update(bias_rows, ratings, ratings - mu - linear)
         if w_before is not None:
             cold_positions = np.flatnonzero(is_cold)
-            self._fold_in([items[p] for p in cold_positions], w_before, t[is_cold], when[positions][is_cold])
+            self._fold_in(
+                [items[p] for p in cold_positions], w_before, t[is_cold], when[positions][is_cold]
+            )
         predictions[positions] = mu + bias + linear
         targets[positions] = t
         cold[positions] = is_cold

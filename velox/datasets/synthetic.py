@@ -93,8 +93,9 @@ def _truth(spec: SyntheticSpec, rng: np.random.Generator) -> _Truth:
     )
 
 
-def _slice(spec: SyntheticSpec, truth: _Truth, rng: np.random.Generator, lo: float, hi: float,
-           rows: int) -> pa.Table:
+def _slice(
+    spec: SyntheticSpec, truth: _Truth, rng: np.random.Generator, lo: float, hi: float, rows: int
+) -> pa.Table:
     users_open = np.flatnonzero(truth.user_arrival < hi)
     items_open = np.flatnonzero(truth.item_arrival < hi)
     p_user = truth.user_weight[users_open] / truth.user_weight[users_open].sum()

@@ -31,9 +31,7 @@ class NotPositiveDefiniteError(InputError):
     """A Gram matrix is not positive definite, so the ridge system has no unique solution."""
 
 
-def check_update_inputs(
-    P: Any, w: Any, A: Any, b: Any, f: Any, t: Any, rows: Any = None
-) -> None:
+def check_update_inputs(P: Any, w: Any, A: Any, b: Any, f: Any, t: Any, rows: Any = None) -> None:
     """Raise :class:`InputError` unless the arrays form one valid batch of updates.
 
     With ``rows`` the state arrays are a table of ``N`` states and ``rows``
@@ -67,9 +65,7 @@ def check_update_inputs(
             raise InputError("rows must be distinct: apply repeated updates of a state in turn")
 
 
-def rank_one_update(
-    P: Any, w: Any, A: Any, b: Any, f: Any, t: Any, gamma: float = 1.0
-) -> Any:
+def rank_one_update(P: Any, w: Any, A: Any, b: Any, f: Any, t: Any, gamma: float = 1.0) -> Any:
     """Apply one observation ``(f_j, t_j)`` to each state ``j`` of the batch, in place.
 
     Exponentially weighted recursive least squares::
