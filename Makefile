@@ -26,7 +26,7 @@ demo: venv
 	$(BIN)/velox demo
 
 bench: venv
-	$(BIN)/python benchmarks/kernels.py
+	$(BIN)/python -m benchmarks.kernels --check
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis

@@ -22,8 +22,9 @@ class TestPublicUpdateOnNumPy(KernelChecks):
 
     def test_contiguous_numpy_takes_the_fused_path(self):
         states = self.prior_states(2, 3, 1.0)
-        assert cpu.fusable(*states, np.ones((2, 3)), np.ones(2))
+        assert cpu.fusable(*states)
         assert not cpu.fusable(states[0][:, :, ::-1], *states[1:])
+        assert not cpu.fusable(states[0].astype(np.float32), *states[1:])
 
 
 class TestGenericUpdateOnNumPy(KernelChecks):

@@ -56,10 +56,11 @@ def rank_one_update(
     :func:`velox.kernels.array_api.rank_one_update`.
     """
     xp = array_module(P)
-    check_update_inputs(P, w, A, b, f, t, rows)
     f = xp.asarray(f, dtype=P.dtype)
     t = xp.asarray(t, dtype=P.dtype)
-    if xp is np and cpu.fusable(P, w, A, b, f, t):
+    fused = xp is np and cpu.fusable(P, w, A, b)
+    check_update_inputs(P, w, A, b, f, t, rows, values=not fused)
+    if fused:  # scans for non-finite values itself, before changing anything
         return cpu.rank_one_update(P, w, A, b, f, t, gamma, rows)
     if rows is None:
         return array_api.rank_one_update(P, w, A, b, f, t, gamma)

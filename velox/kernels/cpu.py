@@ -12,7 +12,8 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from velox.kernels.array_api import refit_rows
+from velox.errors import InputError
+from velox.kernels.array_api import NON_FINITE_FEATURES, NON_FINITE_TARGETS, refit_rows
 
 
 @numba.njit(cache=True, boundscheck=False)
@@ -58,12 +59,39 @@ def _update_rows(P, w, A, b, f, t, gamma, rows, todo, pred, drifted):  # pragma:
             wj[i] += u[i] * step
 
 
-def fusable(*arrays: np.ndarray) -> bool:
-    """Whether the compiled path applies: C-contiguous arrays of one floating dtype."""
-    dtype = arrays[0].dtype
-    return dtype in (np.float32, np.float64) and all(
-        a.dtype == dtype and a.flags.c_contiguous for a in arrays
+_FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+def fusable(P: np.ndarray, w: np.ndarray, A: np.ndarray, b: np.ndarray) -> bool:
+    """Whether the compiled path applies: C-contiguous states of one floating dtype.
+
+    (Observations are cast to the states' dtype by the caller.)
+    """
+    dtype = P.dtype
+    return (
+        dtype in _FLOATS
+        and w.dtype == dtype
+        and A.dtype == dtype
+        and b.dtype == dtype
+        and P.flags.c_contiguous
+        and w.flags.c_contiguous
+        and A.flags.c_contiguous
+        and b.flags.c_contiguous
     )
+
+
+@numba.njit(cache=True)
+def _update_batch(P, w, A, b, f, t, gamma, rows):  # pragma: no cover - compiled
+    """Scan the inputs for non-finite values (status 1: features, 2: targets), then update."""
+    batch = f.shape[0]
+    pred = np.empty(batch, dtype=P.dtype)
+    drifted = np.zeros(batch, dtype=np.bool_)
+    if not np.isfinite(f).all():
+        return pred, drifted, 1
+    if not np.isfinite(t).all():
+        return pred, drifted, 2
+    _update_rows(P, w, A, b, f, t, gamma, rows, np.arange(batch), pred, drifted)
+    return pred, drifted, 0
 
 
 def rank_one_update(
@@ -76,15 +104,19 @@ def rank_one_update(
     gamma: float,
     rows: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Fused update of state ``rows[j]`` by observation ``j``; drifted states are refit first."""
+    """Fused update of state ``rows[j]`` by observation ``j``; drifted states are refit first.
+
+    One compiled call does the whole batch; the rare drifted rows go round again
+    after their refit, so the common path costs one dispatch.
+    """
     batch = f.shape[0]
     rows = np.arange(batch) if rows is None else np.asarray(rows, dtype=np.int64)
-    pred = np.empty(batch, dtype=P.dtype)
-    drifted = np.zeros(batch, dtype=np.bool_)
-    _update_rows(P, w, A, b, f, t, gamma, rows, np.arange(batch), pred, drifted)
+    pred, drifted, status = _update_batch(P, w, A, b, f, t, float(gamma), rows)
+    if status:
+        raise InputError(NON_FINITE_FEATURES if status == 1 else NON_FINITE_TARGETS)
     if drifted.any():
         again = np.flatnonzero(drifted)
         refit_rows(P, w, A, b, rows[again])
         drifted[:] = False
-        _update_rows(P, w, A, b, f, t, gamma, rows, again, pred, drifted)
+        _update_rows(P, w, A, b, f, t, float(gamma), rows, again, pred, drifted)
     return pred

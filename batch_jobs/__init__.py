@@ -1,0 +1,1 @@
+"""Spark training and Beam export jobs (not built yet)."""

@@ -1,0 +1,1 @@
+"""The aiohttp serving tier (not built yet)."""
