@@ -7,10 +7,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import settings
 
 from velox.als import Ratings, online_model, train_als
 from velox.config import ModelConfig
 from velox.datasets import SyntheticSpec, synthesize
+
+# CI replays the same examples every run (no flaky discoveries in a submission);
+# locally hypothesis explores new ones and remembers failures.
+settings.register_profile("ci", derandomize=True, database=None)
+if os.environ.get("CI"):
+    settings.load_profile("ci")
 
 ML100K = Path(os.environ.get("VELOX_ML100K", Path(__file__).parents[2] / "shared/data/ml-100k"))
 

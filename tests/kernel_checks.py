@@ -6,6 +6,7 @@ namespace) and ``update`` (the rank-one update implementation to check).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from typing import Any, ClassVar
 
@@ -20,6 +21,7 @@ from velox.kernels import NotPositiveDefiniteError
 
 targets = st.floats(-5, 5, allow_nan=False).map(lambda x: round(x, 3))
 # One test body runs for several backend classes by design.
+EXAMPLES = int(os.environ.get("VELOX_HYPOTHESIS_EXAMPLES", "60"))
 SUPPRESSED = [HealthCheck.too_slow, HealthCheck.differing_executors]
 coords = st.floats(-3, 3, allow_nan=False).map(lambda x: round(x, 3))
 
@@ -74,7 +76,7 @@ class KernelChecks:
             )
         return P, w, A, b
 
-    @settings(max_examples=60, deadline=None, suppress_health_check=SUPPRESSED)
+    @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=SUPPRESSED)
     @given(streams(forgetting=False))
     def test_online_equals_batch_ridge(self, case):
         _, lam, gamma, f, t, w0 = case
@@ -83,7 +85,7 @@ class KernelChecks:
         assert relative_error(self.to_np(w)[0], want) < 1e-8
         np.testing.assert_allclose(self.to_np(A)[0], A_want, rtol=1e-12, atol=1e-12)
 
-    @settings(max_examples=60, deadline=None, suppress_health_check=SUPPRESSED)
+    @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=SUPPRESSED)
     @given(streams(forgetting=True))
     def test_forgetting_equals_weighted_batch_ridge(self, case):
         _, lam, gamma, f, t, w0 = case

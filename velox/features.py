@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from velox.backend import CPU, Backend
+from velox.backend import CPU, Backend, array_module
 from velox.errors import InputError
 
 
@@ -58,6 +58,21 @@ class FeatureModel(ABC):
         """Features of known items by row (see :meth:`lookup`), ``(len(rows), d)``."""
         return self.matrix()[rows]
 
+    def features_of(self, items: Sequence[str]) -> tuple[Any, np.ndarray]:
+        """Feature vectors of a batch of item ids and which of them the model knows.
+
+        Unknown items get :meth:`cold_vector`; the caller decides what to do
+        with them (the online model folds them in).
+        """
+        rows = self.lookup(items)
+        known = rows >= 0
+        matrix = self.matrix()
+        xp = array_module(matrix)
+        out = matrix[xp.asarray(np.maximum(rows, 0))]
+        if not known.all():
+            out[xp.asarray(np.flatnonzero(~known))] = xp.asarray(self.cold_vector())
+        return out, known
+
     @property
     def _index(self) -> dict[str, int]:
         cached = self.__dict__.get("_index_cache")
@@ -80,6 +95,9 @@ class MatrixFactorization(FeatureModel):
     (3, [1, -1])
     >>> mf.vectors(mf.lookup(["a"])).tolist()
     [[1.0, 2.0, 1.0]]
+    >>> vectors, known = mf.features_of(["b", "new"])
+    >>> vectors.tolist(), known.tolist()
+    ([[3.0, 4.0, 1.0], [0.0, 0.0, 1.0]], [True, False])
     """
 
     def __init__(
