@@ -1,1 +1,1 @@
-"""Feature store: online RocksDB store, offline Parquet store, model registry (not built yet)."""
+"""Feature store: RocksDB online store, Parquet offline store, state codec (registry to come)."""

@@ -122,3 +122,46 @@ def _check_header(record: bytes) -> tuple:
     if header[0] < 1 or header[1] not in _DTYPES:
         raise DataError(f"state record has an unknown format ({header[0]}, {header[1]})")
     return header
+
+
+# Observation log record, little-endian:
+#   u8 format version (1) | f64 ts (epoch s) | f64 rating | u16 len(user) | u16 len(item)
+#   | user (UTF-8) | item (UTF-8)
+_OBSERVATION = struct.Struct("<BddHH")
+
+
+@dataclass(frozen=True)
+class Observation:
+    """One logged observation."""
+
+    user: str
+    item: str
+    rating: float
+    ts: float
+
+
+def encode_observation(user: str, item: str, rating: float, ts: float) -> bytes:
+    """One log record; ids longer than 65,535 UTF-8 bytes are refused."""
+    user_bytes, item_bytes = user.encode(), item.encode()
+    if max(len(user_bytes), len(item_bytes)) > 0xFFFF:
+        raise DataError("user and item ids must be at most 65,535 bytes of UTF-8")
+    head = _OBSERVATION.pack(FORMAT_VERSION, ts, rating, len(user_bytes), len(item_bytes))
+    return head + user_bytes + item_bytes
+
+
+def decode_observation(record: bytes) -> Observation:
+    """Read back a log record; a newer or damaged record is a clear :class:`DataError`."""
+    if len(record) < _OBSERVATION.size:
+        raise DataError(f"log record of {len(record)} bytes is shorter than its header")
+    version, ts, rating, user_len, item_len = _OBSERVATION.unpack_from(record)
+    if version > FORMAT_VERSION:
+        raise DataError(
+            f"log record has format version {version}, newer than this Velox's "
+            f"{FORMAT_VERSION}; upgrade Velox to read this store"
+        )
+    start = _OBSERVATION.size
+    if len(record) != start + user_len + item_len:
+        raise DataError(f"log record of {len(record)} bytes is truncated or damaged")
+    user = record[start : start + user_len].decode()
+    item = record[start + user_len :].decode()
+    return Observation(user, item, rating, ts)

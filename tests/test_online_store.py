@@ -1,0 +1,94 @@
+"""The RocksDB online store: synced commits, the log, state checkpoints, clear refusals on open."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from feature_store.codec import FORMAT_VERSION, StateBatch
+from feature_store.online import OnlineStore
+from velox.errors import DataError
+
+
+def test_commits_get_contiguous_sequence_numbers_across_reopen(tmp_path):
+    with OnlineStore(tmp_path / "db") as store:
+        assert store.last_seq == 0
+        first = store.commit(["u1", "u2"], ["i1", "i2"], [4.0, 2.5], [10.0, 11.0])
+        second = store.commit(["u1"], ["i9"], [5.0], [12.0])
+    assert first.tolist() == [1, 2] and second.tolist() == [3]
+    with OnlineStore(tmp_path / "db") as store:
+        assert store.last_seq == 3
+        assert store.commit(["u3"], ["i1"], [1.0], [13.0]).tolist() == [4]
+        logged = list(store.log_after(0))
+        assert [seq for seq, _ in logged] == [1, 2, 3, 4]
+        assert logged[2][1].user == "u1" and logged[2][1].item == "i9"
+        assert logged[2][1].rating == 5.0 and logged[2][1].ts == 12.0
+        assert [seq for seq, _ in store.log_after(2)] == [3, 4]
+
+
+def test_user_states_round_trip_through_checkpoints(tmp_path):
+    rng = np.random.default_rng(0)
+    M = rng.normal(size=(2, 3, 3))
+    states = StateBatch(
+        M @ M.transpose(0, 2, 1) + np.eye(3),
+        rng.normal(size=(2, 3)),
+        np.array([4, 7]),
+        np.array([10, 12]),
+        np.array([1.5, 2.5]),
+    )
+    with OnlineStore(tmp_path / "db") as store:
+        store.put_states(["a", "b"], states)
+    with OnlineStore(tmp_path / "db") as store:
+        found, back = store.get_states(["b", "zz", "a"])
+    assert found.tolist() == [True, False, True]
+    np.testing.assert_array_equal(back.A, states.A[[1, 0]])
+    np.testing.assert_array_equal(back.seq, [12, 10])
+
+
+def test_a_folder_of_other_files_is_not_a_store_and_is_left_alone(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(DataError, match="is not a Velox store"):
+        OnlineStore(tmp_path)
+    assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
+    with pytest.raises(DataError, match="is a file, not a folder"):
+        OnlineStore(tmp_path / "notes.txt")
+
+
+def test_a_store_from_a_newer_format_is_refused(tmp_path):
+    with OnlineStore(tmp_path / "db") as store:
+        store._cf["meta"][b"format_version"] = bytes([FORMAT_VERSION + 1])
+    with pytest.raises(DataError, match="newer Velox"):
+        OnlineStore(tmp_path / "db")
+
+
+def test_a_store_held_by_another_process_is_refused(tmp_path):
+    path = tmp_path / "db"
+    OnlineStore(path).close()
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            textwrap.dedent(f"""
+            import sys, time
+            from feature_store.online import OnlineStore
+            store = OnlineStore({str(path)!r})
+            print("open", flush=True)
+            sys.stdin.read()
+        """),
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "open"
+        with pytest.raises(DataError, match="in use by another process"):
+            OnlineStore(path)
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=30)
+    OnlineStore(path).close()  # free again once the holder has gone
