@@ -45,6 +45,14 @@ def _seq_key(seq: int) -> bytes:
     return seq.to_bytes(8, "big")
 
 
+def _iterate_log(log_family: rocksdict.Rdict, seq: int) -> Iterator[tuple[int, Observation]]:
+    cursor = log_family.iter()
+    cursor.seek(_seq_key(seq + 1))
+    while cursor.valid():
+        yield int.from_bytes(cursor.key(), "big"), decode_observation(cursor.value())
+        cursor.next()
+
+
 def _options() -> rocksdict.Options:
     options = rocksdict.Options(raw_mode=True)
     options.create_if_missing(True)
@@ -153,11 +161,7 @@ class OnlineStore:
 
     def log_after(self, seq: int = 0) -> Iterator[tuple[int, Observation]]:
         """Logged observations with sequence number greater than ``seq``, in order."""
-        cursor = self._cf["log"].iter()
-        cursor.seek(_seq_key(seq + 1))
-        while cursor.valid():
-            yield int.from_bytes(cursor.key(), "big"), decode_observation(cursor.value())
-            cursor.next()
+        return _iterate_log(self._cf["log"], seq)
 
     def put_states(self, users: Sequence[str], states: StateBatch, dtype: str = "float64") -> None:
         """Checkpoint users' states (not synced: the log can rebuild them)."""
@@ -185,6 +189,49 @@ class OnlineStore:
         self._db.close()
 
     def __enter__(self) -> OnlineStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class LogReader:
+    """A second process's view of the log while the server holds the store.
+
+    Opens the database as a RocksDB *secondary* instance (it needs a scratch
+    folder of its own and never takes the lock); :meth:`catch_up` replays what
+    the primary has written since. This is what the log export pipeline reads.
+    """
+
+    def __init__(self, path: str | Path, scratch: str | Path) -> None:
+        self.path = Path(path)
+        if not _check_folder(self.path):
+            raise DataError(f"no Velox store at {self.path}; start the server or check the path")
+        Path(scratch).mkdir(parents=True, exist_ok=True)
+        try:
+            self._db = rocksdict.Rdict(
+                str(self.path),
+                rocksdict.Options(raw_mode=True),
+                column_families={
+                    name: rocksdict.Options(raw_mode=True) for name in COLUMN_FAMILIES
+                },
+                access_type=rocksdict.AccessType.secondary(str(scratch)),
+            )
+        except Exception as exc:
+            raise DataError(f"store {self.path} could not be opened for reading: {exc}") from None
+
+    def catch_up(self) -> None:
+        """See everything the primary has committed so far."""
+        self._db.try_catch_up_with_primary()
+
+    def log_after(self, seq: int = 0) -> Iterator[tuple[int, Observation]]:
+        """Logged observations after ``seq``, as of the last catch-up."""
+        return _iterate_log(self._db.get_column_family("log"), seq)
+
+    def close(self) -> None:
+        self._db.close()
+
+    def __enter__(self) -> LogReader:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from feature_store.codec import FORMAT_VERSION, StateBatch
-from feature_store.online import OnlineStore
+from feature_store.online import LogReader, OnlineStore
 from velox.errors import DataError
 
 
@@ -74,7 +74,7 @@ def test_a_store_held_by_another_process_is_refused(tmp_path):
             "-c",
             textwrap.dedent(f"""
             import sys, time
-            from feature_store.online import OnlineStore
+            from feature_store.online import LogReader, OnlineStore
             store = OnlineStore({str(path)!r})
             print("open", flush=True)
             sys.stdin.read()
@@ -92,3 +92,44 @@ def test_a_store_held_by_another_process_is_refused(tmp_path):
         holder.stdin.close()
         holder.wait(timeout=30)
     OnlineStore(path).close()  # free again once the holder has gone
+
+
+def test_a_second_process_reads_the_log_while_the_server_holds_the_store(tmp_path):
+    path = tmp_path / "db"
+    writer = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            textwrap.dedent(f"""
+            import sys
+            from feature_store.online import OnlineStore
+            store = OnlineStore({str(path)!r})
+            for line in sys.stdin:
+                seqs = store.commit([line.strip()], ["i"], [3.0], [1.0])
+                print(seqs[-1], flush=True)
+        """),
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        writer.stdin.write("a\n")
+        writer.stdin.flush()
+        assert writer.stdout.readline().strip() == "1"
+        with LogReader(path, tmp_path / "scratch") as reader:
+            assert [o.user for _, o in reader.log_after(0)] == ["a"]
+            for user in ("b", "c"):
+                writer.stdin.write(f"{user}\n")
+                writer.stdin.flush()
+                writer.stdout.readline()
+            reader.catch_up()
+            assert [(s, o.user) for s, o in reader.log_after(1)] == [(2, "b"), (3, "c")]
+    finally:
+        writer.stdin.close()
+        writer.wait(timeout=30)
+
+
+def test_a_log_reader_without_a_store_says_so(tmp_path):
+    with pytest.raises(DataError, match="no Velox store"):
+        LogReader(tmp_path / "absent", tmp_path / "scratch")
