@@ -4,10 +4,12 @@
 * memory limit: reading and writing the batch's ``P`` matrices once
   (``np.copyto``), which no in-place update of ``P`` can beat.
 
-Usage: ``python benchmarks/kernels.py [--repeats 7] [--check]``. Prints a
-Markdown table; ``--check`` exits 1 when a target of the foundation issue is
-missed (>= 3x naive for d >= 32; <= 4x the memory limit at d = 64 and 128 for
-batches of 64 and 1024).
+Usage: ``python -m benchmarks.kernels [--repeats 9] [--gamma G] [--generic] [--check]``.
+Prints a Markdown table of the public update (the fused CPU path);
+``--generic`` times the array-API version instead (what CuPy runs, here on
+NumPy, without input validation). ``--check`` exits 1 when a target of the
+foundation issue is missed (>= 3x naive for d >= 32; <= 4x the memory limit at
+d = 64 and 128 for batches of 64 and 1024).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import numpy as np
 
 from benchmarks.timing import median_seconds
 from velox import kernels
+from velox.kernels import array_api
 
 DIMS = (16, 32, 64, 128)
 BATCHES = (1, 64, 1024)
@@ -40,11 +43,12 @@ def _naive(A: np.ndarray, b: np.ndarray, w: np.ndarray, f: np.ndarray, t: np.nda
         w[j] = np.linalg.solve(A[j], b[j])
 
 
-def measure(d: int, batch: int, repeats: int, gamma: float) -> dict[str, float]:
+def measure(d: int, batch: int, repeats: int, gamma: float, generic: bool) -> dict[str, float]:
     rng = np.random.default_rng(d * 10_000 + batch)
     P, w, A, b, f, t = _states(batch, d, rng)
-    kernels.rank_one_update(P, w, A, b, f, t, gamma)  # compile and warm
-    update = median_seconds(lambda: kernels.rank_one_update(P, w, A, b, f, t, gamma), repeats)
+    update_fn = array_api.rank_one_update if generic else kernels.rank_one_update
+    update_fn(P, w, A, b, f, t, gamma)  # compile and warm
+    update = median_seconds(lambda: update_fn(P, w, A, b, f, t, gamma), repeats)
     _, w2, A2, b2, _, _ = _states(batch, d, rng)
     naive = median_seconds(lambda: _naive(A2, b2, w2, f, t), max(3, repeats // 2))
     target = np.empty_like(P)
@@ -61,15 +65,17 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--gamma", type=float, default=1.0)
+    parser.add_argument("--generic", action="store_true", help="time the array-API version")
     parser.add_argument("--check", action="store_true")
     args = parser.parse_args()
-    print(f"rank-one update, float64, gamma={args.gamma}, median of {args.repeats}")
+    which = "generic array-API" if args.generic else "public (fused CPU)"
+    print(f"{which} rank-one update, float64, gamma={args.gamma}, median of {args.repeats}")
     print("| d | batch | updates/s | naive updates/s | x naive | x memory limit |")
     print("|---|---|---|---|---|---|")
     missed = []
     for d in DIMS:
         for batch in BATCHES:
-            r = measure(d, batch, args.repeats, args.gamma)
+            r = measure(d, batch, args.repeats, args.gamma, args.generic)
             print(
                 f"| {d} | {batch} | {r['updates_per_s']:,.0f} | {r['naive_per_s']:,.0f} | "
                 f"{r['speedup']:.1f} | {r['vs_memory']:.2f} |"

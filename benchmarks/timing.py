@@ -7,14 +7,10 @@ import time
 from collections.abc import Callable
 
 
-def median_seconds(
-    run: Callable[[], object], repeats: int, setup: Callable[[], object] | None = None
-) -> float:
-    """Median wall time of ``run`` over ``repeats`` calls (``setup`` runs untimed before each)."""
+def median_seconds(run: Callable[[], object], repeats: int) -> float:
+    """Median wall time of ``run`` over ``repeats`` calls."""
     samples = []
     for _ in range(repeats):
-        if setup is not None:
-            setup()
         started = time.perf_counter()
         run()
         samples.append(time.perf_counter() - started)

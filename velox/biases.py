@@ -81,11 +81,6 @@ class OnlineBiases:
         out[seen] = (lam * self._prior[r] + self._sum[r]) / np.maximum(lam + self._count[r], 1e-12)
         return out
 
-    def count(self, rows: np.ndarray) -> np.ndarray:
-        """Online observations of each row (0 for -1)."""
-        rows = np.asarray(rows)
-        return np.where(rows >= 0, self._count[np.maximum(rows, 0)], 0.0)
-
     def update(self, rows: np.ndarray, ratings: np.ndarray, residuals: np.ndarray) -> None:
         """Fold a batch of observations in: ratings into the mean, residuals into item biases."""
         self._mean_sum += float(np.sum(ratings))

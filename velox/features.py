@@ -55,23 +55,21 @@ class FeatureModel(ABC):
         return np.fromiter((index.get(item, -1) for item in items), np.int64, len(items))
 
     def vectors(self, rows: np.ndarray) -> Any:
-        """Features of known items by row (see :meth:`lookup`), ``(len(rows), d)``."""
-        return self.matrix()[rows]
-
-    def features_of(self, items: Sequence[str]) -> tuple[Any, np.ndarray]:
-        """Feature vectors of a batch of item ids and which of them the model knows.
-
-        Unknown items get :meth:`cold_vector`; the caller decides what to do
-        with them (the online model folds them in).
-        """
-        rows = self.lookup(items)
-        known = rows >= 0
+        """Features by row (see :meth:`lookup`), ``(len(rows), d)``; a row of -1 gets
+        :meth:`cold_vector`, so the caller decides what to do with unknown items."""
         matrix = self.matrix()
         xp = array_module(matrix)
+        rows = np.asarray(rows)
         out = matrix[xp.asarray(np.maximum(rows, 0))]
-        if not known.all():
-            out[xp.asarray(np.flatnonzero(~known))] = xp.asarray(self.cold_vector())
-        return out, known
+        unknown = np.flatnonzero(rows < 0)
+        if unknown.size:
+            out[xp.asarray(unknown)] = xp.asarray(self.cold_vector())
+        return out
+
+    def features_of(self, items: Sequence[str]) -> tuple[Any, np.ndarray]:
+        """Feature vectors of a batch of item ids and which of them the model knows."""
+        rows = self.lookup(items)
+        return self.vectors(rows), rows >= 0
 
     @property
     def _index(self) -> dict[str, int]:

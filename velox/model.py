@@ -147,7 +147,6 @@ class OnlineModel:
         )
         self._free = np.asarray(features.foldin_coords)
         self._fixed = np.setdiff1d(np.arange(features.dim), self._free)
-        self._cold = features.cold_vector()
         self.items = RidgeTable(
             len(self._free), regularization=config.foldin_regularization, **common
         )
@@ -196,21 +195,21 @@ class OnlineModel:
 
     def _item_vectors(self, keys: Sequence[str], rows: np.ndarray) -> Any:
         """Feature vectors of items: trained ones, folded-in ones, or the cold base vector."""
-        xp = self.backend.xp
-        out = xp.empty((len(keys), self.features.dim), dtype=self.users.dtype)
-        known = rows >= 0
-        if known.any():
-            out[xp.asarray(np.flatnonzero(known))] = self.features.vectors(rows[known])
-        if not known.all():
-            cold_positions = np.flatnonzero(~known)
-            base = np.tile(self._cold, (cold_positions.size, 1))
-            folded = self.items.find([keys[p] for p in cold_positions])
+        out = self.features.vectors(rows)
+        unknown = np.flatnonzero(rows < 0)
+        if unknown.size:
+            folded = self.items.find([keys[p] for p in unknown])
             have = folded >= 0
             if have.any():
-                learned = self.backend.to_numpy(self.items.w[folded[have]])
-                base[np.ix_(np.flatnonzero(have), self._free)] = learned
-            out[xp.asarray(cold_positions)] = self.backend.asarray(base)
+                xp = self.backend.xp
+                positions = xp.asarray(unknown[have])[:, None]
+                out[positions, xp.asarray(self._free)[None, :]] = self.items.w[folded[have]]
         return out
+
+    def _item_terms(self, keys: Sequence[str], rows: np.ndarray) -> tuple[Any, np.ndarray]:
+        """What every read path needs of its items: features, and ``mu + b_i`` on the host."""
+        base = self.biases.mean + self.biases.bias(self.biases.find(keys))
+        return self._item_vectors(keys, rows), base
 
     # --------------------------------------------------------------- observe
 
@@ -287,7 +286,7 @@ class OnlineModel:
     def _fold_in(self, items: list[str], weights: Any, t: np.ndarray, when: np.ndarray) -> None:
         """Ridge-update unknown items' free coordinates over the raters' weights."""
         xp = self.backend.xp
-        fixed_part = weights[:, self._fixed] @ xp.asarray(self._cold[self._fixed])
+        fixed_part = weights[:, self._fixed] @ xp.asarray(self.features.cold_vector()[self._fixed])
         x = xp.ascontiguousarray(weights[:, self._free])
         target = self.backend.asarray(t) - fixed_part
         for positions in _rounds(items):
@@ -305,10 +304,9 @@ class OnlineModel:
         (user_key,) = normalize_ids([user], "user")
         w, _, _ = self._user_arrays(user_key)
         rows = self.features.lookup(keys)
-        f = self._item_vectors(keys, rows)
-        linear = self.backend.to_numpy(f @ w)
-        scores = self.biases.mean + self.biases.bias(self.biases.find(keys)) + linear
-        return Prediction(keys, scores, rows < 0)
+        f, base = self._item_terms(keys, rows)
+        linear = self.backend.to_numpy(kernels.scores(w[None], f)[0])
+        return Prediction(keys, base + linear, rows < 0)
 
     def predict_pairs(self, users: Sequence[Any], items: Sequence[Any]) -> np.ndarray:
         """Scores for ``(users[j], items[j])`` pairs in one pass, without learning."""
@@ -322,9 +320,8 @@ class OnlineModel:
         w[...] = self.backend.asarray(self.users.prior_mean)
         if known.any():
             w[self.backend.xp.asarray(np.flatnonzero(known))] = self.users.w[rows[known]]
-        f = self._item_vectors(item_keys, self.features.lookup(item_keys))
-        linear = self.backend.to_numpy((w * f).sum(axis=1))
-        return self.biases.mean + self.biases.bias(self.biases.find(item_keys)) + linear
+        f, base = self._item_terms(item_keys, self.features.lookup(item_keys))
+        return base + self.backend.to_numpy((w * f).sum(axis=1))
 
     def topk(
         self,
@@ -350,7 +347,8 @@ class OnlineModel:
         if not np.isfinite(alpha) or alpha < 0:
             raise InputError(f"alpha must be a finite number >= 0, got {alpha!r}")
         if candidates is None:
-            keys = [*self.features.item_ids, *self._folded_only()]
+            # The fold-in table holds exactly the items the features do not know.
+            keys = [*self.features.item_ids, *self.items.keys]
         else:
             keys = normalize_ids(candidates, "item")
         banned = set(normalize_ids(exclude, "item"))
@@ -361,20 +359,15 @@ class OnlineModel:
         (user_key,) = normalize_ids([user], "user")
         w, P, _ = self._user_arrays(user_key)
         rows = self.features.lookup(keys)
-        f = self._item_vectors(keys, rows)
+        f, scores = self._item_terms(keys, rows)
         if explore == "thompson":
             rng = rng if rng is not None else self.backend.default_rng()
             w = kernels.thompson_sample(w[None], P[None], alpha, rng)[0]
-        ranking = f @ w
+        ranking = kernels.scores(w[None], f)[0]
         if explore == "ucb":
             ranking = ranking + alpha * kernels.ucb_bonus(P[None], f)[0]
-        scores = self.biases.mean + self.biases.bias(self.biases.find(keys))
         scores = scores + self.backend.to_numpy(ranking)
         top = min(k, len(keys))
         best = np.argpartition(-scores, top - 1)[:top]
         best = best[np.argsort(-scores[best], kind="stable")]
         return Prediction([keys[i] for i in best], scores[best], rows[best] < 0)
-
-    def _folded_only(self) -> list[str]:
-        known = set(self.features.item_ids)
-        return [item for item in self.items.keys if item not in known]

@@ -20,7 +20,6 @@ from velox.kernels.array_api import (
     NotPositiveDefiniteError,
     check_update_inputs,
     cholesky,
-    gram,
     refit_rows,
     ridge_refit,
     ridge_solve,
@@ -32,7 +31,6 @@ from velox.kernels.array_api import (
 __all__ = [
     "NotPositiveDefiniteError",
     "cholesky",
-    "gram",
     "rank_one_update",
     "refit_rows",
     "ridge_refit",

@@ -141,30 +141,34 @@ def cholesky(A: Any) -> Any:
     return L
 
 
+def _inverse_cholesky(A: Any) -> Any:
+    """``L^-1`` for ``A = L L^T``, so ``A^-1 = L^-T L^-1``."""
+    return array_module(A).linalg.inv(cholesky(A))
+
+
 def ridge_refit(A: Any, b: Any) -> tuple[Any, Any]:
     """Re-factorise ``P = A^-1`` and ``w = A^-1 b`` exactly from the sufficient statistics.
 
     Through the Cholesky factor ``A = L L^T``: ``P = L^-T L^-1`` is symmetric
     positive definite by construction, which is what later rank-one updates need.
     """
-    xp = array_module(A)
-    L_inv = xp.linalg.inv(cholesky(A))
+    L_inv = _inverse_cholesky(A)
     L_inv_t = L_inv.transpose(0, 2, 1)
-    P = xp.matmul(L_inv_t, L_inv)
-    w = xp.matmul(L_inv_t, xp.matmul(L_inv, b[:, :, None]))[:, :, 0]
-    return P, w
+    P = L_inv_t @ L_inv
+    return P, _apply(L_inv, L_inv_t, b)
 
 
 def ridge_solve(A: Any, b: Any) -> Any:
-    """Solve the batch of ridge systems ``A x = b`` (the ALS half-step) through Cholesky."""
-    return ridge_refit(A, b)[1]
+    """Solve the batch of ridge systems ``A x = b`` (the ALS half-step) through Cholesky.
+
+    Only the solution: unlike :func:`ridge_refit` it never forms ``A^-1``.
+    """
+    L_inv = _inverse_cholesky(A)
+    return _apply(L_inv, L_inv.transpose(0, 2, 1), b)
 
 
-def gram(F: Any, weights: Any | None = None) -> Any:
-    """``F^T diag(weights) F`` for a stack of feature matrices ``F`` of shape ``(B, n, d)``."""
-    xp = array_module(F)
-    weighted = F if weights is None else F * weights[:, :, None]
-    return xp.matmul(weighted.transpose(0, 2, 1), F)
+def _apply(L_inv: Any, L_inv_t: Any, b: Any) -> Any:
+    return (L_inv_t @ (L_inv @ b[:, :, None]))[:, :, 0]
 
 
 def scores(W: Any, F: Any) -> Any:
