@@ -201,3 +201,87 @@ def test_float32_model_runs_and_stays_close_to_float64():
     np.testing.assert_allclose(
         a.predict("u", ["i4"]).scores, b.predict("u", ["i4"]).scores, rtol=1e-5
     )
+
+
+def _observe_stream(model: OnlineModel, n: int = 400, seed: int = 5):
+    """Observe a stream with repeated users inside batches and items the features lack."""
+    rng = np.random.default_rng(seed)
+    users = rng.choice([f"u{j}" for j in range(12)], size=n).tolist()
+    items = rng.choice([*model.features.item_ids[:8], "new1", "new2"], size=n).tolist()
+    ratings = rng.integers(1, 6, size=n).astype(float)
+    times = np.arange(n, dtype=float)
+    return [
+        model.observe_many(
+            users[s : s + 23], items[s : s + 23], ratings[s : s + 23], times[s : s + 23]
+        )
+        for s in range(0, n, 23)
+    ]
+
+
+def _tables(model: OnlineModel, users: list[str], items: list[str]):
+    rows, item_rows = model.users.find(users), model.items.find(items)
+    bias_rows = model.biases.find([*items, *model.features.item_ids])
+    return {
+        "A": model.users.A[rows],
+        "b": model.users.b[rows],
+        "count": model.users.count[rows],
+        "w": model.users.w[rows],
+        "item A": model.items.A[item_rows],
+        "item b": model.items.b[item_rows],
+        "mean": model.biases.mean,
+        "bias": model.biases.bias(bias_rows),
+    }
+
+
+@pytest.mark.parametrize("forgetting", [1.0, 0.97])
+def test_replaying_the_records_rebuilds_every_state_whatever_the_batches(forgetting):
+    live = _model(forgetting=forgetting)
+    records = _observe_stream(live)
+    assert sum(r.cold.sum() for r in records) > 20
+    by_batch, by_one = _model(forgetting=forgetting), _model(forgetting=forgetting)
+    for record in records:
+        by_batch.replay(record)
+        for one in _split(record):
+            by_one.replay(one)
+    users, items = list(live.users.keys), ["new1", "new2"]
+    want, batched, single = (_tables(m, users, items) for m in (live, by_batch, by_one))
+    for name in ("A", "b", "count", "item A", "item b", "mean", "bias"):
+        np.testing.assert_array_equal(single[name], batched[name], err_msg=name)
+    for name in ("A", "b", "count"):  # a user's updates happen in arrival order in both
+        np.testing.assert_array_equal(batched[name], want[name], err_msg=name)
+    np.testing.assert_allclose(batched["w"], want["w"], rtol=1e-9)
+    # Live, an item's fold-in and bias take a batch's observations round by round (user
+    # order); replay takes them in log order, so only the rounding of the sums may differ.
+    for name in ("item A", "item b", "mean", "bias"):
+        np.testing.assert_allclose(batched[name], want[name], rtol=1e-12, err_msg=name)
+
+
+def _split(applied):
+    """An :class:`Applied` batch as one record per observation, cold rows carried along."""
+    cold_index = np.cumsum(applied.cold) - 1
+    for p in range(len(applied)):
+        c = slice(cold_index[p], cold_index[p] + 1) if applied.cold[p] else slice(0, 0)
+        yield type(applied)(
+            applied.version,
+            applied.users[p : p + 1],
+            applied.items[p : p + 1],
+            applied.ratings[p : p + 1],
+            applied.timestamps[p : p + 1],
+            applied.predictions[p : p + 1],
+            applied.targets[p : p + 1],
+            applied.residuals[p : p + 1],
+            applied.cold[p : p + 1],
+            applied.cold_features[c],
+            applied.foldin_inputs[c],
+            applied.foldin_targets[c],
+        )
+
+
+def test_replay_refuses_records_of_another_version():
+    record = _observe_stream(_model(), n=23)[0]
+    other = _model()
+    other.features = MatrixFactorization(
+        list(other.features.item_ids), other.features.matrix()[:, :-1], version="v8"
+    )
+    with pytest.raises(InputError, match="version 'v7' cannot be replayed onto version 'v8'"):
+        other.replay(record)

@@ -15,6 +15,7 @@ largest single gain a prototype measured on MovieLens streams.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -82,8 +83,40 @@ class OnlineBiases:
         return out
 
     def update(self, rows: np.ndarray, ratings: np.ndarray, residuals: np.ndarray) -> None:
-        """Fold a batch of observations in: ratings into the mean, residuals into item biases."""
-        self._mean_sum += float(np.sum(ratings))
+        """Fold a batch of observations in: ratings into the mean, residuals into item biases.
+
+        Sums are accumulated one observation after another, so replaying a
+        log gives the same bits whatever the batch boundaries were.
+        """
+        self._mean_sum = float(np.cumsum(np.concatenate([[self._mean_sum], ratings]))[-1])
         self._mean_count += len(ratings)
         np.add.at(self._sum, rows, residuals)
         np.add.at(self._count, rows, 1.0)
+
+    def online_state(self) -> BiasState:
+        """What observations added since training: the part a checkpoint must keep."""
+        seen = np.flatnonzero(self._count[: len(self._rows)] > 0)
+        ids = np.empty(len(self._rows), dtype=object)
+        for item, row in self._rows.items():
+            ids[row] = item
+        return BiasState(
+            self._mean_sum, self._mean_count, ids[seen].tolist(), self._sum[seen], self._count[seen]
+        )
+
+    def restore(self, state: BiasState) -> None:
+        """Continue from a checkpoint taken by :meth:`online_state` on the same trained biases."""
+        self._mean_sum, self._mean_count = state.mean_sum, state.mean_count
+        rows = self.ensure(state.items)
+        self._sum[rows] = state.sums
+        self._count[rows] = state.counts
+
+
+@dataclass(frozen=True)
+class BiasState:
+    """The online part of :class:`OnlineBiases`: mean accumulators and per-item sums."""
+
+    mean_sum: float
+    mean_count: float
+    items: list[str]
+    sums: np.ndarray
+    counts: np.ndarray

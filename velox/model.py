@@ -8,7 +8,7 @@ Order of one observation ``(u, i, y)``:
 
 1. the prediction ``mu + b_i + w_u . f(i)`` is recorded (prequential error);
 2. the user's ridge state is updated with target ``t = y - mu - b_i`` (the
-   values as they stand; the target is returned so the log can record it);
+   values as they stand);
 3. ``mu`` and ``b_i`` take the observation in (see :mod:`velox.biases`);
 4. if the feature model does not know ``i``, the item's fold-in state takes
    the user's pre-update weights in, so its features improve.
@@ -17,6 +17,10 @@ Observations of one user inside a batch are applied one after another, in
 arrival order, in successive kernel calls ("rounds"); the biases are read at
 the start of each round, so observations in the same round see the same
 ``mu`` and ``b_i``.
+
+Everything these steps used that depended on the model's state is returned in
+an :class:`Applied` record, which the log stores and :meth:`OnlineModel.replay`
+applies again after a crash.
 """
 
 from __future__ import annotations
@@ -40,15 +44,37 @@ EXPLORE_MODES: tuple[str, ...] = ("none", "ucb", "thompson")
 
 
 @dataclass(frozen=True)
-class ObserveResult:
-    """What ``observe_many`` did, per observation, in input order."""
+class Applied:
+    """A batch of observations and exactly what applying them did, in input order.
 
+    It is both what :meth:`OnlineModel.observe_many` returns and what
+    :meth:`OnlineModel.replay` takes: the log records it, so a state can be
+    rebuilt from a checkpoint without recomputing anything that depended on
+    the model's state at the time (``mu``, ``b_i``, folded-in features).
+    """
+
+    version: str
+    users: list[str]
+    items: list[str]
+    ratings: np.ndarray
+    timestamps: np.ndarray
     predictions: np.ndarray
     """The model's prediction just before the observation was applied."""
     targets: np.ndarray
-    """``y - mu - b_i`` as applied to the user's state (what the log records)."""
+    """``y - mu - b_i`` as applied to the user's state."""
+    residuals: np.ndarray
+    """``y - mu - w_u . f(i)`` before the update, as applied to the item bias."""
     cold: np.ndarray
     """Whether the item is unknown to the feature model (folded in online)."""
+    cold_features: np.ndarray
+    """``f(i)`` used for each cold observation (rows follow ``flatnonzero(cold)``)."""
+    foldin_inputs: np.ndarray
+    """The rater's pre-update weights on the fold-in coordinates, per cold observation."""
+    foldin_targets: np.ndarray
+    """The fold-in regression target, per cold observation."""
+
+    def __len__(self) -> int:
+        return len(self.users)
 
 
 @dataclass(frozen=True)
@@ -96,6 +122,34 @@ def _rounds(keys: Sequence[str]) -> list[np.ndarray]:
         occurrence[position] = seen.get(key, 0)
         seen[key] = occurrence[position] + 1
     return [np.flatnonzero(occurrence == r) for r in range(int(occurrence.max()) + 1)]
+
+
+class _Effects:
+    """Per-observation outputs of ``observe_many``, filled round by round."""
+
+    def __init__(self, n: int, dim: int, free: int) -> None:
+        self.predictions, self.targets, self.residuals = np.empty(n), np.empty(n), np.empty(n)
+        self.cold = np.zeros(n, dtype=bool)
+        self._dims = dim, free
+        self._cold: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
+
+    def add_cold(self, positions: np.ndarray, f: np.ndarray, x: np.ndarray, t: np.ndarray) -> None:
+        self._cold.append((positions, f, x, t))
+
+    def finish(self) -> tuple[np.ndarray, ...]:
+        dim, free = self._dims
+        parts = self._cold or [(np.empty(0, int), np.empty((0, dim)), np.empty((0, free)), [])]
+        positions, f, x, t = (np.concatenate(column) for column in zip(*parts, strict=True))
+        order = np.argsort(positions)
+        return (
+            self.predictions,
+            self.targets,
+            self.residuals,
+            self.cold,
+            f[order],
+            x[order],
+            np.asarray(t, dtype=np.float64)[order],
+        )
 
 
 class OnlineModel:
@@ -219,7 +273,7 @@ class OnlineModel:
         items: Sequence[Any],
         ratings: Sequence[float] | np.ndarray,
         timestamps: Sequence[float] | np.ndarray | None = None,
-    ) -> ObserveResult:
+    ) -> Applied:
         """Predict, then learn, a batch of observations in order; exact per user.
 
         Everything is validated before anything changes: mismatched lengths,
@@ -242,11 +296,10 @@ class OnlineModel:
         when = np.zeros(n) if timestamps is None else np.asarray(timestamps, dtype=np.float64)
         if when.shape != (n,) or not np.isfinite(when).all():
             raise InputError(f"timestamps must be {n} finite numbers")
-        predictions, targets = np.empty(n), np.empty(n)
-        cold = np.zeros(n, dtype=bool)
+        out = _Effects(n, self.features.dim, len(self._free))
         for positions in _rounds(user_keys):
-            self._apply_round(positions, user_keys, item_keys, y, when, predictions, targets, cold)
-        return ObserveResult(predictions, targets, cold)
+            self._apply_round(positions, user_keys, item_keys, y, when, out)
+        return Applied(self.version, user_keys, item_keys, y, when, *out.finish())
 
     def _apply_round(
         self,
@@ -255,9 +308,7 @@ class OnlineModel:
         item_keys: Sequence[str],
         y: np.ndarray,
         when: np.ndarray,
-        predictions: np.ndarray,
-        targets: np.ndarray,
-        cold: np.ndarray,
+        out: _Effects,
     ) -> None:
         users = [user_keys[p] for p in positions]
         items = [item_keys[p] for p in positions]
@@ -269,30 +320,71 @@ class OnlineModel:
         mu, bias = self.biases.mean, self.biases.bias(bias_rows)
         t = ratings - mu - bias
         user_rows = self.users.ensure(users)
-        w_before = self.users.w[user_rows[is_cold]] if is_cold.any() else None
-        linear = self.backend.to_numpy(
-            self.users.update(user_rows, f, self.backend.asarray(t), when[positions])
-        )
-        self.biases.update(bias_rows, ratings, ratings - mu - linear)
-        if w_before is not None:
-            cold_positions = np.flatnonzero(is_cold)
-            self._fold_in(
-                [items[p] for p in cold_positions], w_before, t[is_cold], when[positions][is_cold]
+        to_np = self.backend.to_numpy
+        if is_cold.any():
+            xp = self.backend.xp
+            w_before = self.users.w[user_rows[is_cold]]
+            fixed_part = w_before[:, self._fixed] @ xp.asarray(
+                self.features.cold_vector()[self._fixed]
             )
-        predictions[positions] = mu + bias + linear
-        targets[positions] = t
-        cold[positions] = is_cold
+            x = to_np(w_before[:, self._free])
+            foldin_t = t[is_cold] - to_np(fixed_part)
+            out.add_cold(positions[is_cold], to_np(f[xp.asarray(is_cold)]), x, foldin_t)
+        linear = to_np(self.users.update(user_rows, f, self.backend.asarray(t), when[positions]))
+        residuals = ratings - mu - linear
+        self.biases.update(bias_rows, ratings, residuals)
+        if is_cold.any():
+            cold_items = [items[p] for p in np.flatnonzero(is_cold)]
+            self._fold_in(cold_items, x, foldin_t, when[positions][is_cold])
+        out.predictions[positions] = mu + bias + linear
+        out.targets[positions] = t
+        out.residuals[positions] = residuals
+        out.cold[positions] = is_cold
 
-    def _fold_in(self, items: list[str], weights: Any, t: np.ndarray, when: np.ndarray) -> None:
-        """Ridge-update unknown items' free coordinates over the raters' weights."""
-        xp = self.backend.xp
-        fixed_part = weights[:, self._fixed] @ xp.asarray(self.features.cold_vector()[self._fixed])
-        x = xp.ascontiguousarray(weights[:, self._free])
-        target = self.backend.asarray(t) - fixed_part
+    def _fold_in(self, items: list[str], x: np.ndarray, t: np.ndarray, when: np.ndarray) -> None:
+        """Ridge-update unknown items' free coordinates over the raters' weights ``x``."""
+        backend = self.backend
         for positions in _rounds(items):
             rows = self.items.ensure([items[p] for p in positions])
-            index = xp.asarray(positions)
-            self.items.update(rows, x[index], target[index], when[positions])
+            self.items.update(
+                rows, backend.asarray(x[positions]), backend.asarray(t[positions]), when[positions]
+            )
+
+    def replay(self, applied: Applied) -> np.ndarray:
+        """Apply recorded observations again, exactly as they were applied; returns user rows.
+
+        Nothing is recomputed from the current ``mu``, ``b_i`` or fold-in
+        state: targets, residuals and cold features come from the record, so
+        replaying a log from a checkpoint rebuilds the statistics bit for bit
+        whatever the batch boundaries were.
+        """
+        if applied.version != self.version:
+            raise InputError(
+                f"records applied under model version {applied.version!r} cannot be replayed "
+                f"onto version {self.version!r}"
+            )
+        cold = np.asarray(applied.cold)
+        item_rows = self.features.lookup(applied.items)
+        f_host = np.empty((len(applied), self.features.dim))
+        f_host[~cold] = self.backend.to_numpy(self.features.vectors(item_rows[~cold]))
+        f_host[cold] = applied.cold_features
+        f, t = self.backend.asarray(f_host), self.backend.asarray(applied.targets)
+        user_rows = self.users.ensure(applied.users)
+        for positions in _rounds(applied.users):
+            index = self.backend.xp.asarray(positions)
+            self.users.update(
+                user_rows[positions], f[index], t[index], applied.timestamps[positions]
+            )
+        self.biases.update(self.biases.ensure(applied.items), applied.ratings, applied.residuals)
+        if cold.any():
+            cold_items = [applied.items[p] for p in np.flatnonzero(cold)]
+            self._fold_in(
+                cold_items,
+                applied.foldin_inputs,
+                applied.foldin_targets,
+                applied.timestamps[cold],
+            )
+        return user_rows
 
     # ---------------------------------------------------------------- predict
 

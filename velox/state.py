@@ -3,6 +3,11 @@
 Users and folded-in items are both "a ridge regression per key, updated one
 observation at a time", so they share this table: contiguous ``(N, d, d)``
 arrays that the kernels update in place by row, plus counts and timestamps.
+
+For durability the table also tracks, per row, the last log sequence number
+the state includes (``seq``) and the one its stored checkpoint includes
+(``saved``): a row is dirty while ``seq > saved``, and only clean rows may be
+evicted, so a state is never dropped before it can be read back.
 """
 
 from __future__ import annotations
@@ -51,6 +56,15 @@ class RidgeTable:
         self.b = xp.empty((capacity, dim), dtype=self.dtype)
         self.count = np.zeros(capacity, dtype=np.int64)
         self.updated = np.zeros(capacity, dtype=np.float64)
+        self.seq = np.zeros(capacity, dtype=np.int64)
+        self.saved = np.zeros(capacity, dtype=np.int64)
+        self.used = np.zeros(capacity, dtype=np.int64)
+
+    def _device_arrays(self) -> tuple[Any, ...]:
+        return self.P, self.A, self.w, self.b
+
+    def _host_arrays(self) -> tuple[np.ndarray, ...]:
+        return self.count, self.updated, self.seq, self.saved, self.used
 
     def __len__(self) -> int:
         return len(self._keys)
@@ -91,6 +105,7 @@ class RidgeTable:
         self.b[row] = lam * prior
         self.count[row] = 0
         self.updated[row] = 0.0
+        self.seq[row] = self.saved[row] = self.used[row] = 0
         self._rows[key] = row
         self._keys.append(key)
         return row
@@ -103,8 +118,9 @@ class RidgeTable:
             new = xp.empty((2 * size, *old.shape[1:]), dtype=old.dtype)
             new[:size] = old
             setattr(self, name, new)
-        self.count = np.concatenate([self.count, np.zeros(size, dtype=np.int64)])
-        self.updated = np.concatenate([self.updated, np.zeros(size)])
+        for name in ("count", "updated", "seq", "saved", "used"):
+            old = getattr(self, name)
+            setattr(self, name, np.concatenate([old, np.zeros_like(old)]))
 
     def update(self, rows: np.ndarray, f: Any, t: Any, when: float) -> Any:
         """Apply one observation to each of the distinct ``rows``; predictions before it."""
@@ -118,10 +134,63 @@ class RidgeTable:
             kernels.refit_rows(self.P, self.w, self.A, self.b, due)
         return pred
 
-    def load(self, keys: Sequence[str], A: Any, b: Any, count: np.ndarray) -> None:
-        """Set states from sufficient statistics (from training or a checkpoint), refit exactly."""
+    def load(
+        self,
+        keys: Sequence[str],
+        A: Any,
+        b: Any,
+        count: np.ndarray,
+        *,
+        seq: np.ndarray | int = 0,
+        updated: np.ndarray | float = 0.0,
+    ) -> np.ndarray:
+        """Set states from sufficient statistics (training or a checkpoint), refit exactly.
+
+        ``seq`` is the log sequence number the statistics include; a loaded
+        row counts as saved up to it. Returns the rows.
+        """
         rows = self.ensure(keys)
         self.A[rows] = self.backend.asarray(A, dtype=self.dtype)
         self.b[rows] = self.backend.asarray(b, dtype=self.dtype)
         self.count[rows] = count
+        self.updated[rows] = updated
+        self.seq[rows] = self.saved[rows] = seq
         kernels.refit_rows(self.P, self.w, self.A, self.b, rows)
+        return rows
+
+    def mark(self, rows: np.ndarray, seqs: np.ndarray) -> None:
+        """Record that ``rows`` now include the log records ``seqs`` (rows may repeat)."""
+        np.maximum.at(self.seq, rows, seqs)
+
+    def mark_saved(self, keys: Sequence[str], seqs: np.ndarray) -> None:
+        """Record that checkpoints of ``keys`` up to ``seqs`` are stored (keys may be gone)."""
+        rows = self.find(keys)
+        present = rows >= 0
+        np.maximum.at(self.saved, rows[present], np.asarray(seqs)[present])
+
+    def dirty(self) -> np.ndarray:
+        """Rows whose state includes log records their checkpoint does not."""
+        return np.flatnonzero(self.seq[: len(self)] > self.saved[: len(self)])
+
+    def statistics(self, rows: np.ndarray) -> tuple[np.ndarray, ...]:
+        """Host copies of ``(A, b, count, seq, updated)`` of ``rows``: what a checkpoint holds."""
+        to_np = self.backend.to_numpy
+        return (
+            to_np(self.A[rows]).astype(np.float64),
+            to_np(self.b[rows]).astype(np.float64),
+            self.count[rows].copy(),
+            self.seq[rows].copy(),
+            self.updated[rows].copy(),
+        )
+
+    def evict(self, keys: Sequence[str]) -> None:
+        """Drop rows (their state must be stored elsewhere first); the last row fills each hole."""
+        for key in keys:
+            row = self._rows.pop(key)
+            last = len(self._keys) - 1
+            moved = self._keys.pop()
+            if row != last:
+                for array in (*self._device_arrays(), *self._host_arrays()):
+                    array[row] = array[last]
+                self._keys[row] = moved
+                self._rows[moved] = row
