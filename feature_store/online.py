@@ -3,15 +3,21 @@
 Column families:
 
 * ``log``: the observation log, key = sequence number (8 bytes, big-endian, so
-  RocksDB's byte order is numeric order), value = an observation record;
+  RocksDB's byte order is numeric order), value = the observation and what
+  applying it did (:func:`feature_store.codec.encode_log`);
 * ``users``: user id (UTF-8) -> state record (sufficient statistics tagged
   with the last sequence number they include);
-* ``meta``: the store's format version and other small settings.
+* ``items``: the same for items folded in online (unknown to the model version);
+* ``meta``: the format version, the online biases, and the checkpoint
+  watermark: every state change up to it is in a checkpoint.
 
 A :meth:`OnlineStore.commit` is one synced ``WriteBatch``: when it returns,
 every observation of the batch is on disk with its sequence number, and a
-crash never leaves part of a batch. States are checkpoints: written without
-sync, because the log can always rebuild them.
+crash never leaves part of a batch. Checkpoints are one ``WriteBatch`` each,
+not synced, because the log can always rebuild them.
+
+Item features are not copied here: they live once, in the model registry's
+Parquet artifacts of their version, and the serving tier holds them in memory.
 """
 
 from __future__ import annotations
@@ -30,27 +36,36 @@ from feature_store.codec import (
     StateBatch,
     decode_observation,
     decode_states,
-    encode_observation,
+    encode_log,
     encode_states,
 )
 from velox.errors import DataError
+from velox.model import Applied
 
 log = logging.getLogger(__name__)
 
-COLUMN_FAMILIES = ("log", "users", "meta")
+COLUMN_FAMILIES = ("log", "users", "items", "meta")
+STATE_FAMILIES = ("users", "items")
 _FORMAT_KEY = b"format_version"
+_CHECKPOINT_KEY = b"checkpoint"
+_BIASES_KEY = b"biases"
 
 
 def _seq_key(seq: int) -> bytes:
     return seq.to_bytes(8, "big")
 
 
-def _iterate_log(log_family: rocksdict.Rdict, seq: int) -> Iterator[tuple[int, Observation]]:
+def _iterate_records(log_family: rocksdict.Rdict, seq: int) -> Iterator[tuple[int, bytes]]:
     cursor = log_family.iter()
     cursor.seek(_seq_key(seq + 1))
     while cursor.valid():
-        yield int.from_bytes(cursor.key(), "big"), decode_observation(cursor.value())
+        yield int.from_bytes(cursor.key(), "big"), cursor.value()
         cursor.next()
+
+
+def _iterate_log(log_family: rocksdict.Rdict, seq: int) -> Iterator[tuple[int, Observation]]:
+    for number, record in _iterate_records(log_family, seq):
+        yield number, decode_observation(record)
 
 
 def _options() -> rocksdict.Options:
@@ -138,18 +153,9 @@ class OnlineStore:
         """Sequence number of the newest logged observation (0 when the log is empty)."""
         return self._next_seq - 1
 
-    def commit(
-        self,
-        users: Sequence[str],
-        items: Sequence[str],
-        ratings: Sequence[float],
-        timestamps: Sequence[float],
-    ) -> np.ndarray:
-        """Append a micro-batch to the log in one synced write; returns its sequence numbers."""
-        records = [
-            encode_observation(u, i, float(r), float(t))
-            for u, i, r, t in zip(users, items, ratings, timestamps, strict=True)
-        ]
+    def commit(self, applied: Applied) -> np.ndarray:
+        """Append an applied micro-batch to the log in one synced write; its sequence numbers."""
+        records = encode_log(applied)
         with self._lock:
             first = self._next_seq
             batch = rocksdict.WriteBatch(raw_mode=True)
@@ -163,20 +169,90 @@ class OnlineStore:
         """Logged observations with sequence number greater than ``seq``, in order."""
         return _iterate_log(self._cf["log"], seq)
 
-    def put_states(self, users: Sequence[str], states: StateBatch, dtype: str = "float64") -> None:
-        """Checkpoint users' states (not synced: the log can rebuild them)."""
+    def records_after(self, seq: int = 0) -> Iterator[tuple[int, bytes]]:
+        """Raw log records after ``seq`` (for replay: :func:`feature_store.codec.decode_log`)."""
+        return _iterate_records(self._cf["log"], seq)
+
+    @property
+    def checkpoint_seq(self) -> int:
+        """Every state change up to this sequence number is in a stored checkpoint."""
+        stored = self._cf["meta"].get(_CHECKPOINT_KEY)
+        return int.from_bytes(stored, "big") if stored is not None else 0
+
+    def write_checkpoint(
+        self,
+        states: dict[str, tuple[Sequence[str], StateBatch]],
+        biases: bytes,
+        upto: int,
+        dtype: str = "float64",
+    ) -> None:
+        """Store states (``{"users": (ids, batch), "items": ...}``) and biases, covering ``upto``.
+
+        One write, not synced: a crash keeps all of it or none of it, and the
+        log rebuilds whatever a lost checkpoint held.
+        """
         batch = rocksdict.WriteBatch(raw_mode=True)
-        for user, record in zip(users, encode_states(states, dtype), strict=True):
-            batch.put(user.encode(), record, self._handles["users"])
+        for family, (keys, batch_states) in states.items():
+            handle = self._handles[family]
+            for key, record in zip(keys, encode_states(batch_states, dtype), strict=True):
+                batch.put(key.encode(), record, handle)
+        batch.put(_BIASES_KEY, biases, self._handles["meta"])
+        batch.put(_CHECKPOINT_KEY, _seq_key(upto), self._handles["meta"])
         self._db.write(batch)
 
-    def get_states(self, users: Sequence[str]) -> tuple[np.ndarray, StateBatch | None]:
-        """Which users have a checkpoint, and the decoded states of those that do."""
-        table = self._cf["users"]
-        records = [table.get(user.encode()) for user in users]
+    def get_biases(self) -> bytes | None:
+        """The last checkpoint of the online biases, if any."""
+        return self._cf["meta"].get(_BIASES_KEY)
+
+    def get_states(
+        self, keys: Sequence[str], family: str = "users"
+    ) -> tuple[np.ndarray, StateBatch | None]:
+        """Which keys have a checkpoint, and the decoded states of those that do."""
+        table = self._cf[family]
+        records = [table.get(key.encode()) for key in keys]
         found = np.array([r is not None for r in records], dtype=bool)
         present = [r for r in records if r is not None]
         return found, decode_states(present) if present else None
+
+    def all_states(self, family: str) -> tuple[list[str], StateBatch | None]:
+        """Every checkpointed state of a family (the folded-in items are few)."""
+        keys, records = [], []
+        for key, record in self._cf[family].items():
+            keys.append(key.decode())
+            records.append(record)
+        return keys, decode_states(records) if records else None
+
+    def delete_user(self, user: str) -> int:
+        """Remove a user's state and log records in one synced write; how many records went.
+
+        The log is scanned: forgetting is rare, and an index by user would
+        double the write volume of every commit.
+        """
+        batch = rocksdict.WriteBatch(raw_mode=True)
+        removed = 0
+        with self._lock:
+            for seq, observation in self.log_after(0):
+                if observation.user == user:
+                    batch.delete(_seq_key(seq), self._handles["log"])
+                    removed += 1
+            batch.delete(user.encode(), self._handles["users"])
+            self._db.write(batch, self._sync)
+        return removed
+
+    def counts(self) -> dict[str, int]:
+        """Approximate number of entries per column family (RocksDB's estimate)."""
+        return {
+            name: self._cf[name].property_int_value("rocksdb.estimate-num-keys") or 0
+            for name in COLUMN_FAMILIES
+        }
+
+    def backup(self, target: str | Path) -> None:
+        """A consistent copy of the open store in ``target`` (a RocksDB checkpoint: hard links)."""
+        target = Path(target)
+        if target.exists():
+            raise DataError(f"backup folder {target} already exists; pass a new folder")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        rocksdict.Checkpoint(self._db).create_checkpoint(str(target))
 
     def close(self) -> None:
         """Flush and release the database and its lock.

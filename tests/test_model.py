@@ -5,24 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from tests.factories import small_model
 from tests.kernel_checks import batch_solution, relative_error
 from velox.config import ModelConfig
 from velox.errors import InputError
 from velox.features import MatrixFactorization
 from velox.model import OnlineModel
-
-
-def _model(rank=3, items=20, **config) -> OnlineModel:
-    rng = np.random.default_rng(0)
-    ids = [f"i{j}" for j in range(items)]
-    features = MatrixFactorization(ids, rng.normal(size=(items, rank)), version="v7")
-    return OnlineModel(
-        features,
-        global_mean=3.5,
-        item_bias=rng.normal(0, 0.3, items),
-        train_count=1000,
-        config=ModelConfig(rank=rank, **config),
-    )
 
 
 def _snapshot(model: OnlineModel):
@@ -37,7 +25,7 @@ def _snapshot(model: OnlineModel):
 
 
 def test_user_weights_equal_batch_ridge_of_recorded_targets():
-    model = _model(regularization=0.7)
+    model = small_model(regularization=0.7)
     rng = np.random.default_rng(1)
     users = rng.choice(["a", "b", "c"], size=300).tolist()
     items = rng.choice(model.features.item_ids, size=300).tolist()
@@ -57,7 +45,7 @@ def test_user_weights_equal_batch_ridge_of_recorded_targets():
 
 
 def test_a_batch_equals_the_same_observations_one_call_at_a_time_for_one_user():
-    batched, single = _model(), _model()
+    batched, single = small_model(), small_model()
     items, ratings = ["i1", "i2", "i1", "i5"], [5.0, 1.0, 4.0, 2.0]
     got = batched.observe_many(["u"] * 4, items, ratings)
     want = [single.observe_many(["u"], [i], [r]) for i, r in zip(items, ratings, strict=True)]
@@ -68,7 +56,7 @@ def test_a_batch_equals_the_same_observations_one_call_at_a_time_for_one_user():
 
 
 def test_prediction_is_the_model_formula_and_observe_moves_it():
-    model = _model()
+    model = small_model()
     before = model.predict("u", ["i3"]).scores[0]
     prior = model.user_state("u")
     assert not prior.known
@@ -93,7 +81,7 @@ def test_prediction_is_the_model_formula_and_observe_moves_it():
     ],
 )
 def test_bad_observations_raise_and_change_nothing(users, items, ratings, message):
-    model = _model()
+    model = small_model()
     model.observe_many(["x", "y"], ["i1", "new"], [4.0, 2.0])
     before = _snapshot(model)
     with pytest.raises(InputError, match=message):
@@ -104,13 +92,13 @@ def test_bad_observations_raise_and_change_nothing(users, items, ratings, messag
 
 
 def test_integer_ids_are_strings():
-    model = _model()
+    model = small_model()
     model.observe_many([42], ["i1"], [4.0])
     assert model.user_state("42").known
 
 
 def test_fold_in_learns_an_unknown_item_from_its_raters():
-    model = _model(rank=3, items=30)
+    model = small_model(rank=3, items=30)
     rng = np.random.default_rng(3)
     F = model.features.matrix()
     users = [f"u{j}" for j in range(40)]
@@ -134,7 +122,7 @@ def test_fold_in_learns_an_unknown_item_from_its_raters():
 
 
 def test_topk_is_sorted_respects_candidates_and_exclusion():
-    model = _model()
+    model = small_model()
     model.observe_many(["u"] * 3, ["i1", "i2", "i3"], [5.0, 1.0, 4.0])
     full = model.predict("u", model.features.item_ids)
     top = model.topk("u", 5)
@@ -146,7 +134,7 @@ def test_topk_is_sorted_respects_candidates_and_exclusion():
 
 
 def test_exploration_only_when_asked():
-    model = _model()
+    model = small_model()
     plain = model.topk("u", 20)
     np.testing.assert_allclose(plain.scores, model.topk("u", 20, explore="none").scores)
     ucb = model.topk("u", 20, explore="ucb", alpha=1.0)
@@ -163,19 +151,19 @@ def test_exploration_only_when_asked():
 
 
 def test_prior_for_new_users_is_the_mean_of_loaded_users():
-    model = _model(rank=2, prior="mean")
+    model = small_model(rank=2, prior="mean")
     A = np.tile(np.eye(3) * 2.0, (2, 1, 1))
     b = np.array([[2.0, 0.0, 4.0], [0.0, 2.0, 0.0]])
     model.load_users(["p", "q"], A, b, np.array([3, 4]))
     np.testing.assert_allclose(model.user_state("p").weights, [1.0, 0.0, 2.0])
     np.testing.assert_allclose(model.user_state("nobody").weights, [0.5, 0.5, 1.0])
-    zero = _model(rank=2, prior="zero")
+    zero = small_model(rank=2, prior="zero")
     zero.load_users(["p", "q"], A, b, np.array([3, 4]))
     np.testing.assert_allclose(zero.user_state("nobody").weights, 0.0)
 
 
 def test_online_biases_follow_the_stream():
-    model = _model()
+    model = small_model()
     before = model.predict("someone", ["i4"]).scores[0]
     model.observe_many([f"u{j}" for j in range(200)], ["i4"] * 200, [5.0] * 200)
     assert model.predict("someone", ["i4"]).scores[0] > before + 0.5
@@ -187,14 +175,16 @@ def test_online_learning_beats_the_frozen_model_on_a_drifting_stream(trained, dr
 
     _, future = drifting_stream
     config = ModelConfig(rank=4, regularization=2.0)
-    frozen = prequential(online_model(trained, version="v", config=config), future, learn=False)
+    frozen = prequential(
+        online_model(trained, version="v", config=config), future, learn=False
+    )
     online = prequential(online_model(trained, version="v", config=config), future)
     assert online.rmse < frozen.rmse - 0.03
     assert frozen.window_rmse[-1] > frozen.window_rmse[0]  # the stale model degrades
 
 
 def test_float32_model_runs_and_stays_close_to_float64():
-    a, b = _model(dtype="float32"), _model(dtype="float64")
+    a, b = small_model(dtype="float32"), small_model(dtype="float64")
     for m in (a, b):
         m.observe_many(["u", "v", "u"], ["i1", "i2", "i3"], [5.0, 2.0, 4.0])
     assert a.users.w.dtype == np.float32
@@ -235,10 +225,10 @@ def _tables(model: OnlineModel, users: list[str], items: list[str]):
 
 @pytest.mark.parametrize("forgetting", [1.0, 0.97])
 def test_replaying_the_records_rebuilds_every_state_whatever_the_batches(forgetting):
-    live = _model(forgetting=forgetting)
+    live = small_model(forgetting=forgetting)
     records = _observe_stream(live)
     assert sum(r.cold.sum() for r in records) > 20
-    by_batch, by_one = _model(forgetting=forgetting), _model(forgetting=forgetting)
+    by_batch, by_one = small_model(forgetting=forgetting), small_model(forgetting=forgetting)
     for record in records:
         by_batch.replay(record)
         for one in _split(record):
@@ -278,8 +268,8 @@ def _split(applied):
 
 
 def test_replay_refuses_records_of_another_version():
-    record = _observe_stream(_model(), n=23)[0]
-    other = _model()
+    record = _observe_stream(small_model(), n=23)[0]
+    other = small_model()
     other.features = MatrixFactorization(
         list(other.features.item_ids), other.features.matrix()[:, :-1], version="v8"
     )

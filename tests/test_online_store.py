@@ -11,18 +11,19 @@ import pytest
 
 from feature_store.codec import FORMAT_VERSION, StateBatch
 from feature_store.online import LogReader, OnlineStore
+from tests.factories import applied
 from velox.errors import DataError
 
 
 def test_commits_get_contiguous_sequence_numbers_across_reopen(tmp_path):
     with OnlineStore(tmp_path / "db") as store:
         assert store.last_seq == 0
-        first = store.commit(["u1", "u2"], ["i1", "i2"], [4.0, 2.5], [10.0, 11.0])
-        second = store.commit(["u1"], ["i9"], [5.0], [12.0])
+        first = store.commit(applied(["u1", "u2"], ["i1", "i2"], [4.0, 2.5], [10.0, 11.0]))
+        second = store.commit(applied(["u1"], ["i9"], [5.0], [12.0]))
     assert first.tolist() == [1, 2] and second.tolist() == [3]
     with OnlineStore(tmp_path / "db") as store:
         assert store.last_seq == 3
-        assert store.commit(["u3"], ["i1"], [1.0], [13.0]).tolist() == [4]
+        assert store.commit(applied(["u3"], ["i1"], [1.0], [13.0])).tolist() == [4]
         logged = list(store.log_after(0))
         assert [seq for seq, _ in logged] == [1, 2, 3, 4]
         assert logged[2][1].user == "u1" and logged[2][1].item == "i9"
@@ -41,9 +42,12 @@ def test_user_states_round_trip_through_checkpoints(tmp_path):
         np.array([1.5, 2.5]),
     )
     with OnlineStore(tmp_path / "db") as store:
-        store.put_states(["a", "b"], states)
+        assert store.checkpoint_seq == 0 and store.get_biases() is None
+        store.write_checkpoint({"users": (["a", "b"], states)}, b"biases", upto=12)
     with OnlineStore(tmp_path / "db") as store:
         found, back = store.get_states(["b", "zz", "a"])
+        assert store.checkpoint_seq == 12 and store.get_biases() == b"biases"
+        assert store.all_states("items") == ([], None)
     assert found.tolist() == [True, False, True]
     np.testing.assert_array_equal(back.A, states.A[[1, 0]])
     np.testing.assert_array_equal(back.seq, [12, 10])
@@ -103,9 +107,10 @@ def test_a_second_process_reads_the_log_while_the_server_holds_the_store(tmp_pat
             textwrap.dedent(f"""
             import sys
             from feature_store.online import OnlineStore
+            from tests.factories import applied
             store = OnlineStore({str(path)!r})
             for line in sys.stdin:
-                seqs = store.commit([line.strip()], ["i"], [3.0], [1.0])
+                seqs = store.commit(applied([line.strip()], ["i"], [3.0], [1.0]))
                 print(seqs[-1], flush=True)
         """),
         ],

@@ -104,12 +104,32 @@ class ComputeConfig:
 
 
 @dataclass(frozen=True)
+class StoreConfig:
+    """The online store: user-state cache and checkpoints."""
+
+    cache_users: int = setting(
+        100_000, "User states held in memory; the least recently used clean ones are evicted.", low=1
+    )
+    checkpoint_interval: float = setting(
+        1.0,
+        "Seconds between background write-backs of changed states (0: only on eviction and exit).",
+        low=0.0,
+    )
+    state_dtype: str = setting(
+        "float64",
+        "Precision of stored user states: float64 (exact) or float32 (half the disk).",
+        choices=("float64", "float32"),
+    )
+
+
+@dataclass(frozen=True)
 class VeloxConfig:
     """All settings, one attribute per section."""
 
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     compute: ComputeConfig = field(default_factory=ComputeConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
 
 
 def sections() -> dict[str, type]:

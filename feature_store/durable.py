@@ -1,0 +1,293 @@
+"""An online model whose every state survives a crash: log first, checkpoints behind.
+
+:class:`DurableModel` puts an :class:`~velox.model.OnlineModel` over an
+:class:`~feature_store.online.OnlineStore`:
+
+* :meth:`DurableModel.observe` applies a micro-batch with the kernels and
+  commits what applying it did (:class:`~velox.model.Applied`) in one synced
+  write before it returns. The reply to a client may be sent then.
+* User states are a bounded cache: a user's state is read from its checkpoint
+  the first time it is needed, and the least recently used *clean* states are
+  evicted when the cache is full. A state is dirty while it includes log
+  records its checkpoint does not; a background thread writes dirty states
+  back (with the fold-in items and the online biases, in one write that also
+  moves the checkpoint watermark), and so do eviction and :meth:`close`.
+* Opening replays the log after the checkpoint watermark, exactly as it was
+  applied (:meth:`~velox.model.OnlineModel.replay`), so every state after a
+  crash equals the state before it: a user's statistics bit for bit, the item
+  biases and fold-ins up to the rounding of their sums (live, a batch adds to
+  them user round by user round; replay adds in log order).
+
+Locks: ``_flush_lock`` serialises checkpoints and is always taken before
+``_lock``, which guards the model and keeps apply-then-commit atomic.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from itertools import islice
+from typing import Any
+
+import numpy as np
+
+from feature_store.codec import StateBatch, decode_biases, decode_log, encode_biases
+from feature_store.online import OnlineStore
+from velox.config import StoreConfig
+from velox.errors import DataError, InputError
+from velox.model import Applied, OnlineModel, Prediction, UserState, normalize_ids
+
+log = logging.getLogger(__name__)
+
+_REPLAY_CHUNK = 8192
+_EVICT_TO = 0.9  # evict down to this share of the capacity, so eviction is not every batch
+
+
+class DurableModel:
+    """Observe, predict and forget through a crash-safe store.
+
+    ``model`` must be the model version whose state the store holds (a new
+    store takes any): the checkpoints and the log record the version.
+    """
+
+    def __init__(
+        self, model: OnlineModel, store: OnlineStore, config: StoreConfig | None = None
+    ) -> None:
+        self.model = model
+        self.store = store
+        self.config = config or StoreConfig()
+        self._lock = threading.RLock()
+        self._flush_lock = threading.Lock()
+        self._tick = 0
+        self._applied_seq = self._persisted_seq = store.checkpoint_seq
+        self._broken: str | None = None
+        self.recovered = self._recover()
+        self._stop = threading.Event()
+        self._writer: threading.Thread | None = None
+        if self.config.checkpoint_interval > 0:
+            self._writer = threading.Thread(
+                target=self._write_back_loop, name="velox-write-back", daemon=True
+            )
+            self._writer.start()
+
+    # ---------------------------------------------------------------- serving
+
+    def observe(
+        self,
+        users: Sequence[Any],
+        items: Sequence[Any],
+        ratings: Sequence[float] | np.ndarray,
+        timestamps: Sequence[float] | np.ndarray | None = None,
+    ) -> tuple[Applied, np.ndarray]:
+        """Apply and durably log a micro-batch; the record and its sequence numbers.
+
+        Bad input raises :class:`InputError` before anything changes. If the
+        synced write fails, the memory is ahead of the log: the model refuses
+        further writes until it is reopened (which recovers from the log).
+        """
+        with self._lock:
+            self._check_usable()
+            self._page_in(normalize_ids(users, "user"))
+            applied = self.model.observe_many(users, items, ratings, timestamps)
+            try:
+                seqs = self.store.commit(applied)
+            except Exception as exc:
+                self._broken = f"a log commit failed ({exc})"
+                raise DataError(
+                    f"observations were not stored: {self._broken}; reopen the store to recover"
+                ) from exc
+            self._mark(applied, seqs)
+        self._shrink()
+        return applied, seqs
+
+    def predict(self, user: Any, items: Sequence[Any]) -> Prediction:
+        """:meth:`OnlineModel.predict` with the user's state read through the cache."""
+        return self._read(user, self.model.predict, items)
+
+    def topk(self, user: Any, k: int, **options: Any) -> Prediction:
+        """:meth:`OnlineModel.topk` with the user's state read through the cache."""
+        return self._read(user, self.model.topk, k, **options)
+
+    def user_state(self, user: Any) -> UserState:
+        """The user's state (the prior for a user never seen)."""
+        return self._read(user, self.model.user_state)
+
+    def _read(self, user: Any, method: Callable[..., Any], *args: Any, **options: Any) -> Any:
+        with self._lock:
+            self._page_in(normalize_ids([user], "user"))
+            result = method(user, *args, **options)
+        self._shrink()
+        return result
+
+    def statistics(self, users: Sequence[str]) -> tuple[np.ndarray, ...]:
+        """``(A, b, count, seq, updated)`` of users that have a state, in the order given."""
+        with self._lock:
+            self._page_in(users)
+            rows = self.model.users.find(users)
+            if (rows < 0).any():
+                missing = [u for u, r in zip(users, rows, strict=True) if r < 0]
+                raise InputError(f"no state for users {missing[:5]}")
+            return self.model.users.statistics(rows)
+
+    def delete_user(self, user: Any) -> int:
+        """Forget a user: state in memory and on disk, and every log record; records removed.
+
+        A checkpoint is written first, so what the user's observations added
+        to the (anonymous) item biases and fold-ins stays consistent with the
+        log that remains.
+        """
+        (key,) = normalize_ids([user], "user")
+        with self._flush_lock, self._lock:
+            self._check_usable()
+            self._persist(self._snapshot())
+            removed = self.store.delete_user(key)
+            if key in self.model.users:
+                self.model.users.evict([key])
+        return removed
+
+    # ------------------------------------------------------------ write-back
+
+    def flush(self) -> int:
+        """Write every dirty state, the fold-ins and the biases; how many users were written."""
+        with self._flush_lock:
+            with self._lock:
+                if self._applied_seq == self._persisted_seq:
+                    return 0
+                snapshot = self._snapshot()
+            self._persist(snapshot)
+        return len(snapshot[0][0])
+
+    def close(self) -> None:
+        """Stop the background writer, write everything back, close the store."""
+        self._stop.set()
+        if self._writer is not None:
+            self._writer.join()
+        if self._broken is None:
+            self.flush()
+        self.store.close()
+
+    def __enter__(self) -> DurableModel:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _write_back_loop(self) -> None:
+        while not self._stop.wait(self.config.checkpoint_interval):
+            try:
+                self.flush()
+            except Exception:
+                log.exception("background checkpoint failed; will retry")
+
+    def _snapshot(self) -> tuple[tuple[list[str], tuple], tuple[list[str], tuple], bytes, int]:
+        """Copies of what a checkpoint must hold now (called with ``_lock`` held)."""
+        parts = []
+        for table in (self.model.users, self.model.items):
+            rows = table.dirty()
+            parts.append(([table.keys[r] for r in rows], table.statistics(rows)))
+        upto = self._applied_seq
+        biases = encode_biases(self.model.biases.online_state(), upto, self.model.version)
+        return parts[0], parts[1], biases, upto
+
+    def _persist(self, snapshot: tuple) -> None:
+        users, items, biases, upto = snapshot
+        states = {
+            family: (keys, StateBatch(*stats))
+            for family, (keys, stats) in (("users", users), ("items", items))
+            if keys
+        }
+        self.store.write_checkpoint(states, biases, upto, self.config.state_dtype)
+        with self._lock:
+            self._persisted_seq = upto
+            self.model.users.mark_saved(users[0], users[1][3])
+            self.model.items.mark_saved(items[0], items[1][3])
+
+    def _shrink(self) -> None:
+        """Evict least recently used clean users while the cache is over capacity."""
+        capacity = self.config.cache_users
+        if len(self.model.users) <= capacity:
+            return
+        table = self.model.users
+        with self._lock:
+            need = len(table) - int(capacity * _EVICT_TO)
+            clean = np.flatnonzero(table.seq[: len(table)] == table.saved[: len(table)])
+        if clean.size < need:
+            self.flush()
+        with self._lock:
+            n = len(table)
+            clean = np.flatnonzero(table.seq[:n] == table.saved[:n])
+            need = n - int(capacity * _EVICT_TO)
+            oldest = clean[np.argsort(table.used[clean], kind="stable")[:need]]
+            table.evict([table.keys[r] for r in oldest])
+
+    # --------------------------------------------------------------- internals
+
+    def _check_usable(self) -> None:
+        if self._broken is not None:
+            raise DataError(f"the store refuses writes: {self._broken}; reopen it to recover")
+
+    def _page_in(self, users: Iterable[str]) -> None:
+        """Load the checkpoints of users not in memory (a user never seen stays absent)."""
+        table = self.model.users
+        wanted = list(dict.fromkeys(users))
+        missing = [u for u, r in zip(wanted, table.find(wanted), strict=True) if r < 0]
+        if missing:
+            found, states = self.store.get_states(missing)
+            if states is not None:
+                keys = [u for u, f in zip(missing, found, strict=True) if f]
+                table.load(
+                    keys, states.A, states.b, states.count, seq=states.seq, updated=states.updated
+                )
+        self._tick += 1
+        rows = table.find(wanted)
+        table.used[rows[rows >= 0]] = self._tick
+
+    def _mark(self, applied: Applied, seqs: np.ndarray) -> None:
+        self.model.users.mark(self.model.users.find(applied.users), seqs)
+        if applied.cold.any():
+            cold = np.flatnonzero(applied.cold)
+            rows = self.model.items.find([applied.items[p] for p in cold])
+            self.model.items.mark(rows, seqs[cold])
+        self._applied_seq = int(seqs[-1])
+
+    def _recover(self) -> int:
+        """Restore the checkpoint, then replay the log after it; how many records were replayed."""
+        stored = self.store.get_biases()
+        if stored is not None:
+            biases, _, version = decode_biases(stored)
+            if version != self.model.version:
+                raise DataError(
+                    f"store {self.store.path} holds the online state of model version "
+                    f"{version!r}, not {self.model.version!r}; serve that version, or start "
+                    "a new store for this one"
+                )
+            self.model.biases.restore(biases)
+        keys, items = self.store.all_states("items")
+        if items is not None:
+            self.model.items.load(
+                keys, items.A, items.b, items.count, seq=items.seq, updated=items.updated
+            )
+        replayed = 0
+        for seqs, records in _chunks(self.store.records_after(self._applied_seq)):
+            first = 0
+            for applied in decode_log(records):
+                part = seqs[first : first + len(applied)]
+                first += len(applied)
+                self._page_in(applied.users)
+                try:
+                    self.model.replay(applied)
+                except InputError as exc:
+                    raise DataError(f"store {self.store.path} cannot be recovered: {exc}") from None
+                self._mark(applied, part)
+            replayed += len(records)
+            self._shrink()
+        if replayed:
+            log.info("recovered %d logged observations after checkpoint", replayed)
+            self.flush()
+        return replayed
+
+
+def _chunks(records: Iterator[tuple[int, bytes]]) -> Iterator[tuple[np.ndarray, list[bytes]]]:
+    while chunk := list(islice(records, _REPLAY_CHUNK)):
+        yield np.array([seq for seq, _ in chunk], dtype=np.int64), [r for _, r in chunk]

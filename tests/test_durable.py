@@ -1,0 +1,202 @@
+"""The durable model: recovery from the log after a crash, the bounded cache, forgetting."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from feature_store.codec import decode_log
+from feature_store.durable import DurableModel
+from feature_store.online import OnlineStore
+from tests.factories import small_model
+from velox.config import StoreConfig
+from velox.errors import DataError
+from velox.model import OnlineModel
+
+ITEMS = [f"i{j}" for j in range(8)] + ["new1", "new2"]
+
+
+def _batches(n_batches: int, seed: int = 0, users: int = 30, size: int = 17):
+    """Micro-batches with repeated users and items the model does not know."""
+    rng = np.random.default_rng(seed)
+    for b in range(n_batches):
+        yield (
+            rng.choice([f"u{j}" for j in range(users)], size=size).tolist(),
+            rng.choice(ITEMS, size=size).tolist(),
+            rng.integers(1, 6, size=size).astype(float),
+            np.full(size, float(b)),
+        )
+
+
+def _open(path, **config) -> DurableModel:
+    settings = {"checkpoint_interval": 0.0, **config}
+    return DurableModel(small_model(), OnlineStore(path), StoreConfig(**settings))
+
+
+def _crash(durable: DurableModel) -> None:
+    """Drop the model without writing its checkpoint: what SIGKILL leaves on disk."""
+    durable.store.close()
+
+
+def _everything(durable: DurableModel, users: list[str]) -> dict[str, np.ndarray]:
+    A, b, count, seq, _ = durable.statistics(users)
+    model = durable.model
+    rows = model.items.find(["new1", "new2"])
+    return {
+        "A": A,
+        "b": b,
+        "count": count,
+        "seq": seq,
+        "item A": model.items.A[rows],
+        "bias": model.biases.bias(model.biases.find(ITEMS)),
+        "mean": np.array(model.biases.mean),
+    }
+
+
+def _full_replay(path) -> tuple[OnlineModel, int]:
+    """A fresh model fed the whole log: the reference every recovery must match."""
+    model = small_model()
+    with OnlineStore(path) as store:
+        records = list(store.records_after(0))
+    for applied in decode_log([r for _, r in records]):
+        model.replay(applied)
+    return model, len(records)
+
+
+def _assert_states_equal(got: dict, want: dict) -> None:
+    for name in ("A", "b", "count", "seq"):
+        np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+    for name in ("item A", "bias", "mean"):  # sums added in another order: rounding only
+        np.testing.assert_allclose(got[name], want[name], rtol=1e-12, err_msg=name)
+
+
+def test_a_crash_after_a_checkpoint_recovers_every_state_from_the_log(tmp_path):
+    path = tmp_path / "db"
+    durable = _open(path)
+    batches = list(_batches(12))
+    for number, batch in enumerate(batches):
+        durable.observe(*batch)
+        if number == 5:
+            assert durable.flush() > 0
+    users = list(durable.model.users.keys)
+    before = _everything(durable, users)
+    checkpoint = durable.store.checkpoint_seq
+    assert 0 < checkpoint < durable.store.last_seq
+    _crash(durable)
+
+    recovered = _open(path)
+    assert recovered.recovered == 6 * 17  # the batches after the checkpoint
+    _assert_states_equal(_everything(recovered, users), before)
+    assert recovered.predict("u3", ITEMS).scores == pytest.approx(
+        durable.model.predict("u3", ITEMS).scores, rel=1e-10
+    )
+    recovered.close()
+    assert _open(path).recovered == 0  # a clean close leaves nothing to replay
+
+
+def test_recovered_states_equal_a_replay_of_the_whole_log(tmp_path):
+    path = tmp_path / "db"
+    durable = _open(path, cache_users=8)  # eviction forces checkpoints between batches
+    for batch in _batches(10, seed=1):
+        durable.observe(*batch)
+    _crash(durable)
+    reference, logged = _full_replay(path)
+    assert logged == 170
+    recovered = _open(path, cache_users=8)
+    users = sorted(reference.users.keys)
+    got = _everything(recovered, users)
+    rows = reference.users.find(users)
+    np.testing.assert_array_equal(got["A"], reference.users.A[rows])
+    np.testing.assert_array_equal(got["b"], reference.users.b[rows])
+    np.testing.assert_array_equal(got["count"], reference.users.count[rows])
+    np.testing.assert_allclose(
+        got["item A"], reference.items.A[reference.items.find(["new1", "new2"])], rtol=1e-12
+    )
+    recovered.close()
+
+
+def test_the_cache_stays_bounded_and_evicted_users_read_back_unchanged(tmp_path):
+    durable = _open(tmp_path / "db", cache_users=10)
+    batches = list(_batches(6, users=40))
+    for batch in batches:
+        durable.observe(*batch)
+        assert len(durable.model.users) <= 10
+    expected = small_model()
+    for batch in batches:
+        expected.observe_many(*batch)
+    for user in sorted(set(u for batch in batches for u in batch[0])):
+        np.testing.assert_allclose(
+            durable.predict(user, ITEMS).scores, expected.predict(user, ITEMS).scores, rtol=1e-9
+        )
+        assert len(durable.model.users) <= 10  # reads page users in and evict too
+    assert durable.store.checkpoint_seq > 0  # eviction had to write states back
+    durable.close()
+
+
+def test_forgetting_a_user_removes_state_and_log_records_for_good(tmp_path):
+    path = tmp_path / "db"
+    durable = _open(path)
+    for batch in _batches(5):
+        durable.observe(*batch)
+    logged = durable.store.last_seq
+    mine = sum(1 for _, o in durable.store.log_after(0) if o.user == "u4")
+    prior = durable.predict("never-seen", ["i1"]).scores
+    assert mine > 0
+    assert durable.delete_user("u4") == mine
+    assert "u4" not in durable.model.users
+    assert durable.user_state("u4").known is False
+    np.testing.assert_array_equal(durable.predict("u4", ["i1"]).scores, prior)
+    _crash(durable)
+    reopened = _open(path)
+    assert reopened.user_state("u4").known is False
+    assert all(o.user != "u4" for _, o in reopened.store.log_after(0))
+    assert sum(1 for _ in reopened.store.log_after(0)) == logged - mine
+    reopened.close()
+
+
+def test_a_store_of_another_model_version_is_refused_and_left_alone(tmp_path):
+    path = tmp_path / "db"
+    with _open(path) as durable:
+        durable.observe(*next(_batches(1)))
+    store = OnlineStore(path)
+    with pytest.raises(DataError, match="holds the online state of model version 'v7', not 'v8'"):
+        DurableModel(small_model(version="v8"), store, StoreConfig(checkpoint_interval=0))
+    assert store.last_seq == 17 and store.checkpoint_seq == 17
+    store.close()
+
+
+def test_a_failed_commit_refuses_further_writes_until_reopened(tmp_path, monkeypatch):
+    path = tmp_path / "db"
+    durable = _open(path)
+    durable.observe(*next(_batches(1)))
+
+    def disk_full(applied):  # a fault a test cannot cause on a real disk
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(durable.store, "commit", disk_full)
+    batch = next(_batches(1, seed=9))
+    with pytest.raises(DataError, match=r"were not stored.*No space left"):
+        durable.observe(*batch)
+    monkeypatch.undo()
+    with pytest.raises(DataError, match="refuses writes"):
+        durable.observe(*batch)
+    _crash(durable)
+    reopened = _open(path)
+    assert reopened.store.last_seq == 17  # the failed batch never reached the log
+    assert reopened.user_state(batch[0][0]).observations == sum(
+        1 for u in next(_batches(1))[0] if u == batch[0][0]
+    )
+    reopened.close()
+
+
+def test_background_write_back_moves_the_checkpoint_without_a_call(tmp_path):
+    import time
+
+    durable = _open(tmp_path / "db", checkpoint_interval=0.05)
+    durable.observe(*next(_batches(1)))
+    deadline = time.monotonic() + 10
+    while durable.store.checkpoint_seq < 17 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert durable.store.checkpoint_seq == 17
+    assert len(durable.model.users.dirty()) == 0
+    durable.close()
