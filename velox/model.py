@@ -367,7 +367,8 @@ class OnlineModel:
         item_rows = self.features.lookup(applied.items)
         f_host = np.empty((len(applied), self.features.dim))
         f_host[~cold] = self.backend.to_numpy(self.features.vectors(item_rows[~cold]))
-        f_host[cold] = applied.cold_features
+        if cold.any():
+            f_host[cold] = applied.cold_features
         f, t = self.backend.asarray(f_host), self.backend.asarray(applied.targets)
         user_rows = self.users.ensure(applied.users)
         for positions in _rounds(applied.users):

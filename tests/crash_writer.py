@@ -1,0 +1,54 @@
+"""The writer the crash test kills: commits batches in a loop and acknowledges each one.
+
+Run as ``python -m tests.crash_writer STORE RUN``. Batch ``k`` of run ``RUN``
+is generated from the seed ``(RUN, k)``, and every observation in it carries
+the timestamp ``RUN * 1e6 + k``, so the test can regenerate any batch and tell
+batches apart in the log. The line ``ack RUN k first last`` is printed only
+after :meth:`DurableModel.observe` returned, i.e. after the synced commit.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+
+from feature_store.durable import DurableModel
+from feature_store.online import OnlineStore
+from tests.factories import small_model
+from velox.config import StoreConfig
+
+USERS = [f"u{j}" for j in range(50)]
+ITEMS = [f"i{j}" for j in range(20)] + ["new1", "new2", "new3"]
+
+
+def batch(run: int, k: int) -> tuple[list[str], list[str], np.ndarray, np.ndarray]:
+    """The observations of batch ``k`` of ``run``: 1 to 40 of them, users repeating."""
+    rng = np.random.default_rng([run, k])
+    size = int(rng.integers(1, 41))
+    return (
+        rng.choice(USERS, size=size).tolist(),
+        rng.choice(ITEMS, size=size).tolist(),
+        rng.integers(1, 6, size=size).astype(float),
+        np.full(size, run * 1e6 + k),
+    )
+
+
+def open_model(path: str) -> DurableModel:
+    """Small cache and a fast write-back, so kills land in checkpoints and evictions too."""
+    config = StoreConfig(cache_users=16, checkpoint_interval=0.01)
+    return DurableModel(small_model(), OnlineStore(path), config)
+
+
+def main(path: str, run: int) -> None:
+    durable = open_model(path)
+    print("ready", durable.recovered, flush=True)
+    k = 0
+    while True:
+        _, seqs = durable.observe(*batch(run, k))
+        print("ack", run, k, seqs[0], seqs[-1], flush=True)
+        k += 1
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], int(sys.argv[2]))
