@@ -175,9 +175,7 @@ def test_online_learning_beats_the_frozen_model_on_a_drifting_stream(trained, dr
 
     _, future = drifting_stream
     config = ModelConfig(rank=4, regularization=2.0)
-    frozen = prequential(
-        online_model(trained, version="v", config=config), future, learn=False
-    )
+    frozen = prequential(online_model(trained, version="v", config=config), future, learn=False)
     online = prequential(online_model(trained, version="v", config=config), future)
     assert online.rmse < frozen.rmse - 0.03
     assert frozen.window_rmse[-1] > frozen.window_rmse[0]  # the stale model degrades

@@ -108,7 +108,7 @@ class StoreConfig:
     """The online store: user-state cache and checkpoints."""
 
     cache_users: int = setting(
-        100_000, "User states held in memory; the least recently used clean ones are evicted.", low=1
+        100_000, "User states held in memory; least recently used clean ones are evicted.", low=1
     )
     checkpoint_interval: float = setting(
         1.0,
