@@ -16,7 +16,6 @@ watermark are replaced atomically (write to a temporary name, then rename).
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +24,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
+from feature_store.files import atomic_write, schema_mismatch
 from velox.datasets import OBSERVATION_SCHEMA
 from velox.errors import DataError
 
@@ -32,21 +32,6 @@ log = logging.getLogger(__name__)
 
 OFFLINE_SCHEMA = OBSERVATION_SCHEMA.append(pa.field("seq", pa.int64(), nullable=False))
 _WATERMARK = "_watermark"
-
-
-def _describe_mismatch(schema: pa.Schema) -> str:
-    want = {f.name: f.type for f in OFFLINE_SCHEMA}
-    got = {f.name: f.type for f in schema}
-    problems = [f"missing {n}" for n in want if n not in got]
-    problems += [f"unexpected {n}" for n in got if n not in want]
-    problems += [f"{n} is {got[n]} not {t}" for n, t in want.items() if n in got and got[n] != t]
-    return ", ".join(problems) or "column order differs"
-
-
-def _atomic_write(path: Path, write) -> None:
-    temporary = path.with_name(f".{path.name}.tmp")
-    write(temporary)
-    os.replace(temporary, path)
 
 
 class OfflineStore:
@@ -70,7 +55,7 @@ class OfflineStore:
         return int(text)
 
     def _set_watermark(self, value: int) -> None:
-        _atomic_write(self.root / _WATERMARK, lambda p: p.write_text(f"{value}\n"))
+        atomic_write(self.root / _WATERMARK, lambda p: p.write_text(f"{value}\n"))
 
     def append(self, rows: pa.Table) -> int:
         """Store the rows above the watermark; returns how many were new.
@@ -79,9 +64,8 @@ class OfflineStore:
         :class:`DataError` that names the difference, and nothing is written.
         """
         if rows.schema != OFFLINE_SCHEMA:
-            raise DataError(
-                f"rows to append do not have the offline schema ({_describe_mismatch(rows.schema)})"
-            )
+            mismatch = schema_mismatch(OFFLINE_SCHEMA, rows.schema)
+            raise DataError(f"rows to append do not have the offline schema ({mismatch})")
         if rows.num_rows and pc.min(rows.column("seq")).as_py() < 1:
             raise DataError("sequence numbers of logged observations start at 1")
         fresh = rows.filter(pc.greater(rows.column("seq"), self.watermark))
@@ -95,7 +79,7 @@ class OfflineStore:
             folder = self.root / f"date={day}"
             folder.mkdir(exist_ok=True)
             target = folder / f"seq-{first:020d}-{last:020d}.parquet"
-            _atomic_write(target, lambda p, t=part: pq.write_table(t, p))
+            atomic_write(target, lambda p, t=part: pq.write_table(t, p))
         self._set_watermark(int(pc.max(fresh.column("seq")).as_py()))
         return fresh.num_rows
 
@@ -114,7 +98,7 @@ class OfflineStore:
                     f"offline store file {path} is not readable Parquet ({exc})"
                 ) from None
             if schema.remove_metadata() != OFFLINE_SCHEMA:
-                mismatch = _describe_mismatch(schema)
+                mismatch = schema_mismatch(OFFLINE_SCHEMA, schema)
                 raise DataError(
                     f"offline store file {path} has the wrong schema ({mismatch}); "
                     "move it out of the store"
@@ -152,7 +136,7 @@ class OfflineStore:
                 continue
             rest = table.filter(pc.invert(mine))
             if rest.num_rows:
-                _atomic_write(path, lambda p, t=rest: pq.write_table(t, p))
+                atomic_write(path, lambda p, t=rest: pq.write_table(t, p))
             else:
                 path.unlink()
             removed += count

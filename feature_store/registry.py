@@ -37,11 +37,10 @@ from __future__ import annotations
 import errno
 import json
 import logging
-import os
 import re
 import shutil
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
@@ -53,6 +52,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from feature_store.files import atomic_write, schema_mismatch, sync_folder
 from velox.als import ALSResult
 from velox.errors import DataError, InputError
 
@@ -276,8 +276,8 @@ class ModelRegistry:
             schema=_users_schema(d),
         )
         folder = self._folder(number)
-        _atomic_write(folder / _ITEMS, lambda path: pq.write_table(items, path))
-        _atomic_write(folder / _USERS, lambda path: pq.write_table(users, path))
+        atomic_write(folder / _ITEMS, lambda path: pq.write_table(items, path))
+        atomic_write(folder / _USERS, lambda path: pq.write_table(users, path))
         scalars = {"global_mean": float(artifacts.global_mean), "rank": rank}
         version = replace(version, train_count=int(artifacts.train_count), **scalars)
         _write_metadata(folder, version)
@@ -377,7 +377,7 @@ class ModelRegistry:
             )
         for path, schema in self._artifacts(version):
             _check_schema(path, schema)
-        _atomic_write(self.root / _ACTIVE, lambda path: path.write_text(f"{number}\n"))
+        atomic_write(self.root / _ACTIVE, lambda path: path.write_text(f"{number}\n"))
         log.info("model %s is active", version.name)
         return replace(version, state="active")
 
@@ -443,7 +443,7 @@ class ModelRegistry:
                     raise
                 number += 1
             else:
-                _sync_folder(self.root)
+                sync_folder(self.root)
                 return number
 
     def _stored(self, number: int) -> ModelVersion:
@@ -548,33 +548,11 @@ def _write_metadata(folder: Path, version: ModelVersion) -> None:
         raise InputError(
             f"metadata of {version.name} is not JSON ({exc}); pass numbers, strings, lists, dicts"
         ) from None
-    _atomic_write(folder / _METADATA, lambda path: path.write_text(text))
+    atomic_write(folder / _METADATA, lambda path: path.write_text(text))
 
 
 def _floats(values: Mapping[str, float] | None) -> dict[str, float]:
     return {str(key): float(value) for key, value in (values or {}).items()}
-
-
-def _atomic_write(path: Path, write: Callable[[Path], object]) -> None:
-    """Write under a unique temporary name in the same folder, sync, rename, sync the folder."""
-    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        write(temporary)
-        with open(temporary, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
-    _sync_folder(path.parent)
-
-
-def _sync_folder(folder: Path) -> None:
-    descriptor = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
 
 
 # --------------------------------------------------------------- artifacts
@@ -635,18 +613,6 @@ def _matrix(column: pa.ChunkedArray, width: int) -> np.ndarray:
     return flat.to_numpy(zero_copy_only=False, writable=True).reshape(-1, width)
 
 
-def _mismatch(want: pa.Schema, got: pa.Schema) -> str:
-    wanted, found = {f.name: f for f in want}, {f.name: f for f in got}
-    problems = [f"missing {name}" for name in wanted if name not in found]
-    problems += [f"unexpected {name}" for name in found if name not in wanted]
-    problems += [
-        f"{name} is {found[name].type}{' with nulls' if found[name].nullable else ''}"
-        for name, f in wanted.items()
-        if name in found and not found[name].equals(f)
-    ]
-    return ", ".join(problems) or "column order differs"
-
-
 def _check_schema(path: Path, schema: pa.Schema) -> None:
     try:
         got = pq.read_schema(path).remove_metadata()
@@ -657,7 +623,7 @@ def _check_schema(path: Path, schema: pa.Schema) -> None:
             f"model artifact {path} is not readable Parquet ({exc}); {_ARTIFACT_FIX}"
         ) from None
     if got != schema:
-        mismatch = _mismatch(schema, got)
+        mismatch = schema_mismatch(schema, got)
         raise DataError(f"model artifact {path} has the wrong schema ({mismatch}); {_ARTIFACT_FIX}")
 
 

@@ -165,7 +165,7 @@ def test_a_failed_pointer_write_leaves_the_previous_version_active(tmp_path, mon
     def disk_full(source, target):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr("feature_store.registry.os.replace", disk_full)
+    monkeypatch.setattr("feature_store.files.os.replace", disk_full)
     with pytest.raises(OSError, match="No space"):
         registry.activate(second)
     monkeypatch.undo()
