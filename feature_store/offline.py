@@ -16,6 +16,7 @@ watermark are replaced atomically (write to a temporary name, then rename).
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +25,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
+from feature_store.codec import Observation
 from feature_store.files import atomic_write, schema_mismatch
 from velox.datasets import OBSERVATION_SCHEMA
 from velox.errors import DataError
@@ -32,6 +34,21 @@ log = logging.getLogger(__name__)
 
 OFFLINE_SCHEMA = OBSERVATION_SCHEMA.append(pa.field("seq", pa.int64(), nullable=False))
 _WATERMARK = "_watermark"
+
+
+def log_rows(entries: Iterable[tuple[int, Observation]]) -> pa.Table:
+    """Logged ``(seq, observation)`` pairs as rows of :data:`OFFLINE_SCHEMA`."""
+    pairs = list(entries)
+    columns = {
+        "user": [o.user for _, o in pairs],
+        "item": [o.item for _, o in pairs],
+        "rating": [o.rating for _, o in pairs],
+        "ts": [round(o.ts * 1_000_000) for _, o in pairs],
+        "seq": [seq for seq, _ in pairs],
+    }
+    return pa.table(
+        [pa.array(columns[f.name], f.type) for f in OFFLINE_SCHEMA], schema=OFFLINE_SCHEMA
+    )
 
 
 class OfflineStore:

@@ -92,9 +92,17 @@ def _check_folder(path: Path) -> bool:
 class OnlineStore:
     """Durable observation log and user-state checkpoints in RocksDB."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, *, read_only: bool = False) -> None:
+        """Open (or create) the store; ``read_only`` opens an existing one without its lock.
+
+        A read-only view sees what was committed when it opened and refuses
+        writes; ``velox store inspect`` uses it next to a running server.
+        """
         self.path = Path(path)
+        self.read_only = read_only
         existed = _check_folder(self.path)
+        if read_only and not existed:
+            raise DataError(f"no Velox store at {self.path}; check the data folder")
         if existed:
             families = set(rocksdict.Rdict.list_cf(str(self.path)))
             if not set(COLUMN_FAMILIES) <= families:
@@ -109,12 +117,17 @@ class OnlineStore:
                 column_families={
                     name: rocksdict.Options(raw_mode=True) for name in COLUMN_FAMILIES
                 },
+                access_type=(
+                    rocksdict.AccessType.read_only()
+                    if read_only
+                    else rocksdict.AccessType.read_write()
+                ),
             )
         except Exception as exc:
             if "lock" in str(exc).lower():
                 raise DataError(
                     f"store {self.path} is in use by another process (its LOCK is held); "
-                    "stop that process, or open a read-only view"
+                    "stop that process, or open a read-only view (velox store inspect)"
                 ) from None
             raise DataError(f"store {self.path} could not be opened: {exc}") from None
         self._cf = {name: self._db.get_column_family(name) for name in COLUMN_FAMILIES}
@@ -148,6 +161,10 @@ class OnlineStore:
         cursor.seek_to_last()
         return int.from_bytes(cursor.key(), "big") if cursor.valid() else 0
 
+    def _check_writable(self) -> None:
+        if self.read_only:
+            raise DataError(f"store {self.path} is open read-only; open it without read_only")
+
     @property
     def last_seq(self) -> int:
         """Sequence number of the newest logged observation (0 when the log is empty)."""
@@ -155,6 +172,7 @@ class OnlineStore:
 
     def commit(self, applied: Applied) -> np.ndarray:
         """Append an applied micro-batch to the log in one synced write; its sequence numbers."""
+        self._check_writable()
         records = encode_log(applied)
         with self._lock:
             first = self._next_seq
@@ -191,6 +209,7 @@ class OnlineStore:
         One write, not synced: a crash keeps all of it or none of it, and the
         log rebuilds whatever a lost checkpoint held.
         """
+        self._check_writable()
         batch = rocksdict.WriteBatch(raw_mode=True)
         for family, (keys, batch_states) in states.items():
             handle = self._handles[family]
@@ -228,6 +247,7 @@ class OnlineStore:
         The log is scanned: forgetting is rare, and an index by user would
         double the write volume of every commit.
         """
+        self._check_writable()
         batch = rocksdict.WriteBatch(raw_mode=True)
         removed = 0
         with self._lock:

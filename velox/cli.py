@@ -1,4 +1,11 @@
-"""The ``velox`` command line. Errors a user can cause print one sentence and exit 2."""
+"""The ``velox`` command line. Errors a user can cause print one sentence and exit 2.
+
+Commands of the other packages (``velox store``, later ``velox train`` and
+``velox serve``) plug in through the ``velox.commands`` entry-point group:
+each entry is a function that adds its sub-parsers and sets a ``handler``
+default taking ``(args, config)``. So the core never imports the packages
+built on it (DESIGN.md, section 2), yet one ``velox`` command serves them all.
+"""
 
 from __future__ import annotations
 
@@ -6,10 +13,13 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
+from importlib.metadata import entry_points
 
 from velox.config import VeloxConfig, describe, load_config
 from velox.datasets import SyntheticSpec, write_synthetic
 from velox.errors import VeloxError
+
+COMMAND_GROUP = "velox.commands"
 
 
 def _add_synthetic_args(parser: argparse.ArgumentParser, ratings: int) -> None:
@@ -56,11 +66,15 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--out", required=True, help="Parquet file to write")
 
     commands.add_parser("config", help="print the effective settings")
+    for plugin in sorted(entry_points(group=COMMAND_GROUP), key=lambda e: e.name):
+        plugin.load()(commands)
     return parser
 
 
 def _run(args: argparse.Namespace, config: VeloxConfig) -> None:
-    if args.command == "demo":
+    if hasattr(args, "handler"):
+        args.handler(args, config)
+    elif args.command == "demo":
         from velox.demo import run_demo
 
         run_demo(config, _spec(args))

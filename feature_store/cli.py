@@ -1,0 +1,98 @@
+"""``velox store``: inspect, back up, restore and forget, on a stopped or running server.
+
+Registered as a ``velox.commands`` entry point (see :mod:`velox.cli`).
+``inspect`` works next to a running server (a read-only view); ``backup``,
+``restore`` and ``forget`` need the store to themselves and say so when a
+server holds it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+from feature_store.backup import backup, restore, summarize
+from feature_store.layout import DataLayout
+from feature_store.offline import OfflineStore
+from feature_store.online import OnlineStore
+from velox.config import VeloxConfig
+from velox.errors import DataError
+
+
+def register(commands: argparse._SubParsersAction) -> None:
+    """Add ``velox store ...`` to the command line."""
+    store = commands.add_parser("store", help="online/offline store and registry tools")
+    actions = store.add_subparsers(dest="store_command", required=True)
+    inspect = actions.add_parser("inspect", help="print log positions, counts, model versions")
+    inspect.add_argument("--json", action="store_true", help="print JSON instead of text")
+    inspect.set_defaults(handler=_inspect)
+    save = actions.add_parser("backup", help="back the data folder up into a new folder")
+    save.add_argument("dir", help="backup folder to create")
+    save.set_defaults(handler=_backup)
+    back = actions.add_parser("restore", help="restore a backup as the data folder's stores")
+    back.add_argument("dir", help="backup folder made by velox store backup")
+    back.add_argument(
+        "--replace", action="store_true", help="move existing stores aside (never deleted)"
+    )
+    back.set_defaults(handler=_restore)
+    forget = actions.add_parser("forget", help="delete a user's state and every observation")
+    forget.add_argument("user", help="user id")
+    forget.set_defaults(handler=_forget)
+
+
+def _inspect(args: argparse.Namespace, config: VeloxConfig) -> None:
+    layout = DataLayout.from_config(config)
+    if not any(path.is_dir() for path in layout.parts.values()):
+        raise DataError(f"no Velox store in data folder {layout.root}; check data.dir")
+    summary = summarize(layout)
+    if args.json:
+        print(json.dumps({"data": str(layout.root), **summary}, indent=2))
+        return
+    print(_describe(layout, summary))
+
+
+def _describe(layout: DataLayout, summary: dict[str, Any]) -> str:
+    lines = [f"data folder       {layout.root}"]
+    if "last_seq" in summary:
+        lines.append(
+            f"online log        last sequence {summary['last_seq']}, "
+            f"checkpoint at {summary['checkpoint_seq']}"
+        )
+        lines.append(
+            f"online states     ~{summary['users_estimate']} users, "
+            f"~{summary['folded_in_items_estimate']} folded-in items"
+        )
+    if "offline_watermark" in summary:
+        days = summary["offline_days"]
+        span = f"{days[0]} .. {days[-1]}" if days else "no days"
+        lines.append(f"offline store     watermark {summary['offline_watermark']}, {span}")
+    for v in summary.get("versions", []):
+        metrics = " ".join(f"{k}={val:.4f}" for k, val in sorted(v["metrics"].items()))
+        lines.append(
+            f"model {v['version']:<11} {v['state']:<8} {v['created']}  {v['engine']}  "
+            f"watermark {v['watermark']}  {metrics}".rstrip()
+        )
+    return "\n".join(lines)
+
+
+def _backup(args: argparse.Namespace, config: VeloxConfig) -> None:
+    manifest = backup(DataLayout.from_config(config), args.dir)
+    print(f"backed up {config.data.dir} to {args.dir} (log up to {manifest['last_seq']})")
+
+
+def _restore(args: argparse.Namespace, config: VeloxConfig) -> None:
+    layout = DataLayout.from_config(config)
+    aside = restore(args.dir, layout, replace=args.replace)
+    moved = f"; the replaced stores are in {aside}" if aside else ""
+    print(f"restored {args.dir} into {layout.root}{moved}")
+
+
+def _forget(args: argparse.Namespace, config: VeloxConfig) -> None:
+    layout = DataLayout.from_config(config)
+    if not layout.online.is_dir():
+        raise DataError(f"no Velox store in data folder {layout.root}; check data.dir")
+    with OnlineStore(layout.online) as store:
+        logged = store.delete_user(args.user)
+    stored = OfflineStore(layout.offline).delete_user(args.user) if layout.offline.is_dir() else 0
+    print(f"forgot user {args.user!r}: {logged} log records and {stored} offline rows removed")

@@ -1,0 +1,36 @@
+"""Where each store lives under the data folder (DESIGN.md, section 7)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from velox.config import VeloxConfig
+
+
+@dataclass(frozen=True)
+class DataLayout:
+    """The data folder: the RocksDB online store, the Parquet offline store, the registry."""
+
+    root: Path
+
+    @classmethod
+    def from_config(cls, config: VeloxConfig) -> DataLayout:
+        return cls(Path(config.data.dir))
+
+    @property
+    def online(self) -> Path:
+        return self.root / "online"
+
+    @property
+    def offline(self) -> Path:
+        return self.root / "offline"
+
+    @property
+    def registry(self) -> Path:
+        return self.root / "registry"
+
+    @property
+    def parts(self) -> dict[str, Path]:
+        """Each store by name, in the order backups copy them."""
+        return {"online": self.online, "offline": self.offline, "registry": self.registry}
