@@ -69,7 +69,7 @@ def encode_states(states: StateBatch, dtype: str = "float64") -> list[bytes]:
     n, d, _ = states.A.shape
     rows, cols = _upper(d)
     values = np.concatenate([states.A[:, rows, cols], states.b], axis=1).astype(
-        disk.newbyteorder("<")
+        disk.newbyteorder("<"), copy=False
     )
     return [
         _HEADER.pack(

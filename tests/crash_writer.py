@@ -46,7 +46,9 @@ def main(path: str, run: int) -> None:
     k = 0
     while True:
         _, seqs = durable.observe(*batch(run, k))
-        print("ack", run, k, seqs[0], seqs[-1], flush=True)
+        # One write per line: print() writes each piece separately when unbuffered.
+        sys.stdout.write(f"ack {run} {k} {seqs[0]} {seqs[-1]}\n")
+        sys.stdout.flush()
         k += 1
 
 

@@ -82,33 +82,34 @@ class RidgeTable:
         return np.fromiter((rows.get(key, -1) for key in keys), np.int64, len(keys))
 
     def ensure(self, keys: Sequence[str]) -> np.ndarray:
-        """Rows of ``keys``, adding the missing ones at the prior."""
+        """Rows of ``keys``, adding the missing ones at the prior (all in one step)."""
         found = self.find(keys)
-        for position in np.flatnonzero(found < 0):
-            key = keys[position]
-            row = self._rows.get(key)
-            if row is None:
-                row = self._add(key)
-            found[position] = row
+        missing = np.flatnonzero(found < 0)
+        if missing.size:
+            new = list(dict.fromkeys(keys[p] for p in missing))
+            first = len(self._keys)
+            self._add(new)
+            rows = {key: first + offset for offset, key in enumerate(new)}
+            found[missing] = [rows[keys[p]] for p in missing]
         return found
 
-    def _add(self, key: str) -> int:
-        row = len(self._keys)
-        if row == self.P.shape[0]:
+    def _add(self, keys: list[str]) -> None:
+        first, n = len(self._keys), len(keys)
+        while first + n > self.P.shape[0]:
             self._grow()
+        rows = slice(first, first + n)
         lam = self.regularization
         xp = self.backend.xp
         prior = self.backend.asarray(self.prior_mean)
-        self.A[row] = lam * xp.eye(self.dim, dtype=self.dtype)
-        self.P[row] = xp.eye(self.dim, dtype=self.dtype) / lam
-        self.w[row] = prior
-        self.b[row] = lam * prior
-        self.count[row] = 0
-        self.updated[row] = 0.0
-        self.seq[row] = self.saved[row] = self.used[row] = 0
-        self._rows[key] = row
-        self._keys.append(key)
-        return row
+        eye = xp.eye(self.dim, dtype=self.dtype)
+        self.A[rows] = lam * eye
+        self.P[rows] = eye / lam
+        self.w[rows] = prior
+        self.b[rows] = lam * prior
+        for array in self._host_arrays():
+            array[rows] = 0
+        self._rows.update(zip(keys, range(first, first + n), strict=True))
+        self._keys.extend(keys)
 
     def _grow(self) -> None:
         xp = self.backend.xp
@@ -176,8 +177,8 @@ class RidgeTable:
         """Host copies of ``(A, b, count, seq, updated)`` of ``rows``: what a checkpoint holds."""
         to_np = self.backend.to_numpy
         return (
-            to_np(self.A[rows]).astype(np.float64),
-            to_np(self.b[rows]).astype(np.float64),
+            to_np(self.A[rows]).astype(np.float64, copy=False),
+            to_np(self.b[rows]).astype(np.float64, copy=False),
             self.count[rows].copy(),
             self.seq[rows].copy(),
             self.updated[rows].copy(),

@@ -1,0 +1,137 @@
+"""Durable-write throughput and crash recovery of the online store, against same-run baselines.
+
+* **group commit**: observations per second when micro-batches of 1, 16 and
+  256 are each committed with one synced ``WriteBatch``
+  (:meth:`OnlineStore.commit`), against the baseline of one synced write per
+  observation (the same commit call, one observation at a time);
+* **recovery**: seconds to reopen a store whose process died with
+  ``--observations`` logged observations after its last checkpoint (the whole
+  log replayed), against the time the live model took to apply the same
+  observations (``observe_many`` alone, no commits) in the same run.
+
+Usage: ``python -m benchmarks.store [--observations 1000000] [--rank 32] [--repeats 3]
+[--check]``. Prints Markdown tables; ``--check`` exits 1 when group commit at
+batch 256 is under 20x the per-observation rate (issue 3).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks.timing import median_seconds
+from feature_store.durable import DurableModel
+from feature_store.online import OnlineStore
+from velox.config import ModelConfig, StoreConfig
+from velox.features import MatrixFactorization
+from velox.model import Applied, OnlineModel
+
+BATCHES = (1, 16, 256)
+TARGET = 20.0
+
+
+def _model(rank: int, items: int = 2_000) -> OnlineModel:
+    rng = np.random.default_rng(0)
+    ids = [f"item{j}" for j in range(items)]
+    features = MatrixFactorization(ids, rng.normal(0, 0.3, (items, rank)), version="v1")
+    return OnlineModel(
+        features,
+        global_mean=3.5,
+        item_bias=rng.normal(0, 0.3, items),
+        train_count=100_000,
+        config=ModelConfig(rank=rank),
+    )
+
+
+def _stream(n: int, users: int, items: int, seed: int) -> tuple[list[str], list[str], np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return (
+        [f"user{u}" for u in rng.integers(0, users, n)],
+        [f"item{i}" for i in rng.integers(0, items, n)],
+        rng.integers(1, 6, n).astype(float),
+    )
+
+
+def _applied_batches(rank: int, size: int, count: int) -> list[Applied]:
+    model = _model(rank)
+    users, items, ratings = _stream(size * count, users=5_000, items=2_000, seed=size)
+    return [
+        model.observe_many(users[s : s + size], items[s : s + size], ratings[s : s + size])
+        for s in range(0, size * count, size)
+    ]
+
+
+def group_commit(rank: int, repeats: int, folder: Path) -> list[dict[str, float]]:
+    """Observations/s of synced commits per batch size, and the per-observation baseline."""
+    singles = _applied_batches(rank, 1, 200)
+    with OnlineStore(folder / "baseline") as store:
+        base = len(singles) / median_seconds(lambda: [store.commit(a) for a in singles], repeats)
+    rows = []
+    for size in BATCHES:
+        batches = _applied_batches(rank, size, max(20, 4096 // size))
+        n = size * len(batches)
+        with OnlineStore(folder / f"batch{size}") as store:
+            rate = n / median_seconds(lambda s=store, b=batches: [s.commit(a) for a in b], repeats)
+        rows.append({"batch": size, "rate": rate, "baseline": base, "ratio": rate / base})
+    return rows
+
+
+def recovery(n: int, rank: int, folder: Path) -> dict[str, float]:
+    """Reopen time after a crash with ``n`` observations logged since the last checkpoint."""
+    users, items, ratings = _stream(n, users=50_000, items=2_000, seed=7)
+    config = StoreConfig(cache_users=100_000, checkpoint_interval=0)
+    durable = DurableModel(_model(rank), OnlineStore(folder / "recovery"), config)
+    live = 0.0
+    for start in range(0, n, 1024):
+        part = slice(start, start + 1024)
+        began = time.perf_counter()
+        applied = durable.model.observe_many(users[part], items[part], ratings[part])
+        live += time.perf_counter() - began
+        durable.store.commit(applied)
+    durable.store.close()  # the process dies: no checkpoint is written
+    began = time.perf_counter()
+    reopened = DurableModel(_model(rank), OnlineStore(folder / "recovery"), config)
+    seconds = time.perf_counter() - began
+    assert reopened.recovered == n, reopened.recovered
+    reopened.close()
+    return {"observations": n, "seconds": seconds, "live": live, "ratio": seconds / live}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--observations", type=int, default=1_000_000)
+    parser.add_argument("--rank", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--check", action="store_true", help="exit 1 when a target is missed")
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="velox-bench-", dir=".") as scratch:
+        rows = group_commit(args.rank, args.repeats, Path(scratch))
+        print("| batch | observations/s | per-observation synced writes/s | x baseline |")
+        print("|---|---|---|---|")
+        for row in rows:
+            print(
+                f"| {row['batch']} | {row['rate']:,.0f} | {row['baseline']:,.0f} | "
+                f"{row['ratio']:.1f} |"
+            )
+        result = recovery(args.observations, args.rank, Path(scratch))
+    print()
+    print("| logged observations | recovery s | live apply s | recovery / live |")
+    print("|---|---|---|---|")
+    print(
+        f"| {result['observations']:,} | {result['seconds']:.1f} | {result['live']:.1f} | "
+        f"{result['ratio']:.2f} |"
+    )
+    at_256 = rows[-1]["ratio"]
+    if args.check and at_256 < TARGET:
+        print(f"group commit at 256 is {at_256:.1f}x the per-observation rate, under {TARGET}x")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
