@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from tests.kernel_checks import KernelChecks, batch_solution, relative_error
 from velox import kernels
@@ -62,3 +63,30 @@ def test_without_refactorisation_the_inverse_drifts_and_refit_repairs_it():
             table.update(row, f[j : j + 1], t[j : j + 1], 0.0)
     want, _ = batch_solution(1.0, 1.0, f.astype(np.float64), t.astype(np.float64), np.zeros(d))
     assert relative_error(refit.w[0], want) < relative_error(drifting.w[0], want)
+
+
+@pytest.mark.parametrize("implementation", ["compiled", "sparse"])
+def test_normal_equations_equal_the_dense_weighted_sums(implementation):
+
+    rng = np.random.default_rng(11)
+    n_rows, n_cols, d, nnz = 7, 9, 4, 40
+    rows = np.sort(rng.integers(0, n_rows - 1, nnz))  # the last row has no ratings
+    cols = rng.integers(0, n_cols, nnz)
+    t, c = rng.normal(size=nnz), rng.uniform(0.2, 1.0, nnz)
+    F, reg = rng.normal(size=(n_cols, d)), rng.uniform(0.5, 2.0, n_rows)
+    indptr = np.concatenate([[0], np.cumsum(np.bincount(rows, minlength=n_rows))])
+    module = cpu if implementation == "compiled" else array_api
+    A, b = module.normal_equations(indptr, cols, t, c, F, reg)
+    for r in range(n_rows):
+        mine = rows == r
+        Fr = F[cols[mine]]
+        want_A = (Fr * c[mine, None]).T @ Fr + reg[r] * np.eye(d)
+        np.testing.assert_allclose(A[r], want_A, rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(b[r], Fr.T @ (c[mine] * t[mine]), rtol=1e-12, atol=1e-12)
+
+
+def test_the_compiled_ridge_solve_refuses_a_matrix_that_is_not_positive_definite():
+    A = np.stack([np.eye(3), -np.eye(3)])
+    with pytest.raises(kernels.NotPositiveDefiniteError, match="increase the regularization"):
+        kernels.ridge_solve(A, np.ones((2, 3)))
+    np.testing.assert_allclose(kernels.ridge_solve(2 * np.eye(3)[None], np.ones((1, 3))), 0.5)

@@ -22,7 +22,6 @@ from velox.kernels.array_api import (
     cholesky,
     refit_rows,
     ridge_refit,
-    ridge_solve,
     scores,
     thompson_sample,
     ucb_bonus,
@@ -31,6 +30,7 @@ from velox.kernels.array_api import (
 __all__ = [
     "NotPositiveDefiniteError",
     "cholesky",
+    "normal_equations",
     "rank_one_update",
     "refit_rows",
     "ridge_refit",
@@ -66,3 +66,34 @@ def rank_one_update(
     pred = array_api.rank_one_update(*sub, f, t, gamma)
     P[rows], w[rows], A[rows], b[rows] = sub
     return pred
+
+
+def normal_equations(
+    indptr: Any, cols: Any, targets: Any, weights: Any, F: Any, reg: Any
+) -> tuple[Any, Any]:
+    """Per row of a CSR rating matrix: ``A_r = sum c f f^T + reg_r I``, ``b_r = sum c t f``.
+
+    Rows are users (columns items) in the user half-step of ALS and the other
+    way round in the item half-step; ``c`` weighs each rating. NumPy inputs
+    take the compiled parallel loop, others the sparse-product form.
+    """
+    if array_module(F) is np:
+        return cpu.normal_equations(indptr, cols, targets, weights, F, reg)
+    return array_api.normal_equations(indptr, cols, targets, weights, F, reg)
+
+
+def ridge_solve(A: Any, b: Any) -> Any:
+    """Solve the batch of ridge systems ``A x = b`` (the ALS half-step) through Cholesky.
+
+    NumPy takes a compiled loop (one small Cholesky per row, in parallel);
+    other arrays the generic batched form. A matrix that is not positive
+    definite raises :class:`NotPositiveDefiniteError` on both.
+    """
+    if array_module(A) is not np:
+        return array_api.ridge_solve(A, b)
+    x, ok = cpu.cholesky_solve(A, b)
+    if not ok.all():
+        raise NotPositiveDefiniteError(
+            "a Gram matrix is not positive definite; increase the regularization"
+        )
+    return x

@@ -193,3 +193,36 @@ def thompson_sample(w: Any, P: Any, scale: float, rng: Any) -> Any:
     L = cholesky(0.5 * (P + P.transpose(0, 2, 1)))
     z = rng.standard_normal(w.shape, dtype=w.dtype)
     return w + scale * xp.matmul(L, z[:, :, None])[:, :, 0]
+
+
+def normal_equations(
+    indptr: Any, cols: Any, targets: Any, weights: Any, F: Any, reg: Any, chunk: int = 4096
+) -> tuple[Any, Any]:
+    """The ALS normal equations per row of a CSR rating matrix, on any device.
+
+    ``A_r = sum c f f^T + reg_r I`` and ``b_r = sum c t f``, as sparse-times-
+    dense products (SciPy on NumPy, cuSPARSE through CuPy) against the columns'
+    flattened outer products, ``chunk`` columns at a time to bound memory.
+    """
+    xp = array_module(F)
+    sparse = _sparse_module(xp)
+    n_rows, (n_cols, d) = indptr.shape[0] - 1, F.shape
+    S = sparse.csr_matrix((weights, cols, indptr), shape=(n_rows, n_cols))
+    A = xp.zeros((n_rows, d * d), dtype=F.dtype)
+    for start in range(0, n_cols, chunk):
+        part = F[start : start + chunk]
+        outer = (part[:, :, None] * part[:, None, :]).reshape(part.shape[0], d * d)
+        A += S[:, start : start + chunk] @ outer
+    A = A.reshape(n_rows, d, d) + reg[:, None, None] * xp.eye(d, dtype=F.dtype)
+    b = sparse.csr_matrix((weights * targets, cols, indptr), shape=(n_rows, n_cols)) @ F
+    return A, xp.asarray(b)
+
+
+def _sparse_module(xp: Any) -> Any:
+    if xp is np:
+        import scipy.sparse
+
+        return scipy.sparse
+    import cupyx.scipy.sparse
+
+    return cupyx.scipy.sparse
