@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from hypothesis import settings
 
-from velox.als import Ratings, online_model, train_als
+from velox.als import ALSParams, Ratings, online_model, train_als
 from velox.config import ModelConfig
 from velox.datasets import SyntheticSpec, synthesize
 
@@ -41,13 +41,7 @@ def drifting_stream():
 @pytest.fixture(scope="session")
 def trained(drifting_stream):
     train, _ = drifting_stream
-    return train_als(
-        Ratings.from_table(train),
-        rank=4,
-        user_regularization=2.0,
-        item_regularization=5.0,
-        iterations=5,
-    )
+    return train_als(Ratings.from_table(train), ALSParams(rank=4, iterations=5))
 
 
 @pytest.fixture

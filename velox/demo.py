@@ -13,7 +13,7 @@ import dataclasses
 import time
 from collections.abc import Callable
 
-from velox.als import Ratings, online_model, train_als
+from velox.als import ALSParams, Ratings, online_model, train_als
 from velox.backend import get_backend
 from velox.config import VeloxConfig
 from velox.datasets import SyntheticSpec, synthesize
@@ -31,14 +31,8 @@ def run_demo(config: VeloxConfig, spec: SyntheticSpec, emit: Callable[[str], Non
     half = table.num_rows // 2
     train, stream = table.slice(0, half), table.slice(half)
     started = time.perf_counter()
-    result = train_als(
-        Ratings.from_table(train),
-        rank=config.model.rank,
-        user_regularization=config.model.regularization,
-        item_regularization=5.0 * config.model.regularization,
-        iterations=10,
-        backend=backend,
-    )
+    params = ALSParams(rank=config.model.rank, iterations=10)
+    result = train_als(Ratings.from_table(train), params, backend=backend)
     emit(
         f"trained biased ALS (rank {config.model.rank}) on {half} ratings in "
         f"{time.perf_counter() - started:.1f}s: train RMSE {result.train_rmse:.4f}"

@@ -26,6 +26,7 @@ from velox.kernels.array_api import (
     thompson_sample,
     ucb_bonus,
 )
+from velox.kernels.cpu import single_threaded_blas
 
 __all__ = [
     "NotPositiveDefiniteError",
@@ -36,6 +37,7 @@ __all__ = [
     "ridge_refit",
     "ridge_solve",
     "scores",
+    "single_threaded_blas",
     "thompson_sample",
     "ucb_bonus",
 ]
