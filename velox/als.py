@@ -118,7 +118,7 @@ class Ratings:
             return np.ones(self.values.size)
         if self.timestamps is None:
             raise InputError("age weights (forgetting < 1) need the ratings' timestamps")
-        order = np.lexsort((self.timestamps, self.users))
+        order = np.lexsort((self.items, self.timestamps, self.users))  # ties: by item
         counts = np.bincount(self.users, minlength=self.shape[0])
         later = np.empty(self.values.size, dtype=np.int64)
         starts = np.repeat(np.cumsum(counts) - counts, counts)
@@ -140,6 +140,31 @@ class ALSResult:
     user_rhs: np.ndarray
     user_count: np.ndarray
     train_rmse: float
+
+    def predict(self, users: np.ndarray, items: np.ndarray) -> np.ndarray:
+        """``mu + b_i + w_u . [v_i, 1]`` for id pairs, as a freshly served version would.
+
+        A user the run did not see gets the mean user weights (the serving
+        prior), an item it did not see the cold features ``[0, 1]`` and bias 0.
+        """
+        user_rows = _lookup(self.user_ids, users)
+        item_rows = _lookup(self.item_ids, items)
+        weights = np.where(
+            (user_rows >= 0)[:, None], self.user_weights[user_rows], self.user_weights.mean(axis=0)
+        )
+        known = item_rows >= 0
+        features = np.zeros((len(items), self.item_factors.shape[1] + 1))
+        features[:, -1] = 1.0
+        features[known, :-1] = self.item_factors[item_rows[known]]
+        bias = np.where(known, self.item_bias[item_rows], 0.0)
+        return self.global_mean + bias + np.einsum("ij,ij->i", weights, features)
+
+
+def _lookup(ids: np.ndarray, wanted: np.ndarray) -> np.ndarray:
+    """Row of each wanted id in the sorted ``ids`` (as :meth:`Ratings.from_table` makes them)."""
+    wanted = np.asarray(wanted).astype(str)
+    rows = np.clip(np.searchsorted(ids, wanted), 0, max(ids.size - 1, 0))
+    return np.where(ids[rows] == wanted, rows, -1) if ids.size else np.full(wanted.size, -1)
 
 
 @dataclass(frozen=True)
@@ -253,7 +278,8 @@ def _train(
         rmse = float(np.sqrt(np.mean(residual**2)))
         if iteration == params.iterations:
             break
-        loss = objective(residual, c, w, reg_u, np.column_stack([factors, item_bias]), reg_i)
+        fit = float(np.sum(c * residual**2))
+        loss = objective(fit, w, reg_u, np.column_stack([factors, item_bias]), reg_i)
         user_features = np.hstack([w[:, :rank], np.ones((n_users, 1))])
         _, _, solved = half_step(by_item, y - mu - w[u, rank], c, user_features, reg_i, backend)
         factors, item_bias = solved[:, :rank], solved[:, rank]
@@ -282,15 +308,13 @@ def _train(
 
 
 def objective(
-    residual: np.ndarray,
-    weights: np.ndarray,
+    fit: float,
     user_weights: np.ndarray,
     user_reg: np.ndarray,
     item_parameters: np.ndarray,
     item_reg: np.ndarray,
 ) -> float:
-    """The regularised weighted squared error that ALS decreases at every half-step."""
-    fit = float(np.sum(weights * residual**2))
+    """The loss ALS decreases at every half-step: ``fit`` (weighted squared error) + penalties."""
     penalty = float(np.sum(user_reg * np.sum(user_weights**2, axis=1)))
     return fit + penalty + float(np.sum(item_reg * np.sum(item_parameters**2, axis=1)))
 

@@ -123,6 +123,54 @@ class StoreConfig:
 
 
 @dataclass(frozen=True)
+class TrainConfig:
+    """The Spark training job (``velox train``)."""
+
+    engine: str = setting(
+        "velox",
+        "velox: biased ALS on Velox's kernels; mllib: Spark MLlib ALS.",
+        choices=("velox", "mllib"),
+    )
+    mode: str = setting(
+        "auto",
+        "single: Spark reads, the driver solves; distributed: each half-step is a Spark stage; "
+        "auto: single while the ratings fit single_node_max_ratings.",
+        choices=("auto", "single", "distributed"),
+    )
+    single_node_max_ratings: int = setting(
+        50_000_000, "Largest rating count that auto mode trains on the driver.", low=1
+    )
+    master: str = setting("local[*]", "Spark master (ignored under spark-submit).")
+    blocks: int = setting(
+        0, "Blocks per half-step in distributed mode (0: Spark's parallelism).", low=0
+    )
+    rank: int = setting(10, "Latent factors per item.", low=1, high=1024)
+    user_regularization: float = setting(
+        1.5, "User ridge strength; scaled by sqrt(ratings of the user).", low=0.0, low_open=True
+    )
+    item_regularization: float = setting(
+        1.0,
+        "Item ridge strength; scaled by sqrt(ratings of the item). MLlib's regParam.",
+        low=0.0,
+        low_open=True,
+    )
+    iterations: int = setting(15, "ALS iterations (each a user and an item half-step).", low=1)
+    forgetting: float = setting(
+        1.0,
+        "Weight gamma^k for a rating followed by k later ratings of its user (1: no ageing).",
+        low=0.0,
+        high=1.0,
+        low_open=True,
+    )
+    validation: float = setting(
+        0.1, "Share of (user, item) pairs held out for the validation RMSE.", low=0.0, high=0.5
+    )
+    rating_min: float = setting(0.0, "Ratings below this are rejected.")
+    rating_max: float = setting(5.0, "Ratings above this are rejected.")
+    seed: int = setting(0, "Seed of the initial factors and the validation split.", low=0)
+
+
+@dataclass(frozen=True)
 class VeloxConfig:
     """All settings, one attribute per section."""
 
@@ -130,6 +178,7 @@ class VeloxConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     compute: ComputeConfig = field(default_factory=ComputeConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
 
 
 def sections() -> dict[str, type]:
