@@ -69,7 +69,8 @@ def read_source(spark, source: str | Path, *, watermark: int | None = None):
     files = [path] if path.is_file() else sorted(path.rglob("*.parquet"))
     if not files:
         raise DataError(f"{path} holds no Parquet files; pass a store, a Parquet path or MovieLens")
-    frame = spark.read.option("basePath", str(path)).parquet(str(path))
+    reader = spark.read.option("basePath", str(path)) if path.is_dir() else spark.read
+    frame = reader.parquet(str(path))
     missing = [c for c in ("user", "item", "rating", "ts") if c not in frame.columns]
     if missing:
         raise DataError(

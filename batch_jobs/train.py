@@ -124,9 +124,10 @@ class TrainJob:
                 result = self._train(spark, prepared, mode, params, backend)
                 timings["train_s"] = time.perf_counter() - began
                 metrics = self._metrics(result, prepared)
+                held_out = metrics.get("validation_rmse")
                 self.emit(
-                    f"{version.name}: train RMSE {metrics['train_rmse']:.4f}, "
-                    f"validation RMSE {metrics['validation_rmse']:.4f}"
+                    f"{version.name}: train RMSE {metrics['train_rmse']:.4f}, validation RMSE "
+                    + (f"{held_out:.4f}" if held_out is not None else "n/a (nothing held out)")
                 )
                 registry.write_artifacts(version.number, ModelArtifacts.from_als(result))
                 if prepared.rejected:
