@@ -51,3 +51,13 @@ def model(trained):
 
 def random_features(rng: np.random.Generator, n: int, d: int) -> np.ndarray:
     return rng.normal(size=(n, d))
+
+
+@pytest.fixture(scope="session")
+def spark():
+    """One real SparkSession on local[2] for every test that needs Spark."""
+    from batch_jobs.spark import read_spark_defaults, spark_session
+
+    session = spark_session("local[2]", read_spark_defaults())
+    yield session
+    session.stop()

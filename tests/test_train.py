@@ -11,7 +11,6 @@ import pyarrow.parquet as pq
 import pytest
 
 from batch_jobs.inputs import prepare, read_source
-from batch_jobs.spark import read_spark_defaults, spark_session
 from batch_jobs.train import TrainJob
 from feature_store.layout import DataLayout
 from feature_store.offline import OFFLINE_SCHEMA, OfflineStore
@@ -19,13 +18,6 @@ from feature_store.registry import ModelRegistry
 from tests.test_cli import velox
 from velox.config import load_config
 from velox.datasets import OBSERVATION_SCHEMA
-
-
-@pytest.fixture(scope="module")
-def spark():
-    session = spark_session("local[2]", read_spark_defaults())
-    yield session
-    session.stop()
 
 
 def _problem(n_users=40, n_items=30, n=400, seed=0):
