@@ -46,39 +46,55 @@ def _config(tmp_path, *settings: str):
     return load_config(None, overrides=[f"data.dir={tmp_path / 'data'}", *settings])
 
 
-def _reference_als(users, items, y, rank, lam_u, lam_i, iterations, init):
-    """Dense biased ALS, one np.linalg.solve per row: what every mode must reproduce."""
+def _reference_als(users, items, y, c, rank, lam_u, lam_i, iterations, init):
+    """Dense weighted biased ALS, one np.linalg.solve per row: what every mode must reproduce."""
     n_users, n_items = users.max() + 1, items.max() + 1
-    mu, V, bias = y.mean(), init.copy(), np.zeros(n_items)
-    n_u, n_i = np.bincount(users), np.bincount(items)
+    mu, V, bias = np.sum(c * y) / np.sum(c), init.copy(), np.zeros(n_items)
+    n_u, n_i = np.bincount(users, c), np.bincount(items, c)
     for iteration in range(iterations + 1):
         F = np.hstack([V, np.ones((n_items, 1))])
         W = np.empty((n_users, rank + 1))
         for u in range(n_users):
             mine = users == u
-            Fu = F[items[mine]]
-            A = Fu.T @ Fu + lam_u * np.sqrt(max(n_u[u], 1)) * np.eye(rank + 1)
-            W[u] = np.linalg.solve(A, Fu.T @ (y[mine] - mu - bias[items[mine]]))
+            Fu, cu = F[items[mine]], c[mine]
+            A = (Fu * cu[:, None]).T @ Fu + lam_u * np.sqrt(max(n_u[u], 1)) * np.eye(rank + 1)
+            W[u] = np.linalg.solve(A, Fu.T @ (cu * (y[mine] - mu - bias[items[mine]])))
         if iteration == iterations:
             return W, V, bias
         G = np.hstack([W[:, :rank], np.ones((n_users, 1))])
         for i in range(n_items):
             mine = items == i
-            Gi = G[users[mine]]
-            A = Gi.T @ Gi + lam_i * np.sqrt(max(n_i[i], 1)) * np.eye(rank + 1)
-            solution = np.linalg.solve(A, Gi.T @ (y[mine] - mu - W[users[mine], rank]))
+            Gi, ci = G[users[mine]], c[mine]
+            A = (Gi * ci[:, None]).T @ Gi + lam_i * np.sqrt(max(n_i[i], 1)) * np.eye(rank + 1)
+            solution = np.linalg.solve(A, Gi.T @ (ci * (y[mine] - mu - W[users[mine], rank])))
             V[i], bias[i] = solution[:rank], solution[rank]
+
+
+def _later_ratings(users, ts, items):
+    """How many ratings of the same user come after each one (by time, then item)."""
+    return np.array(
+        [
+            np.sum((users == u) & ((ts > t) | ((ts == t) & (items > i))))
+            for u, t, i in zip(users, ts, items, strict=True)
+        ]
+    )
 
 
 def _relative(got, want) -> float:
     return float(np.abs(got - want).max() / np.abs(want).max())
 
 
-@pytest.mark.parametrize("mode", ["single", "distributed"])
-def test_both_modes_equal_a_dense_reference_als_from_the_same_start(spark, tmp_path, mode):
+@pytest.mark.parametrize(
+    ("mode", "forgetting"),
+    [("single", 1.0), ("distributed", 1.0), ("single", 0.9), ("distributed", 0.9)],
+)
+def test_both_modes_equal_a_dense_reference_als_from_the_same_start(
+    spark, tmp_path, mode, forgetting
+):
     users, items, ratings = _problem()
+    ts = np.random.default_rng(7).integers(0, 50, users.size)  # ties in time, broken by item
     path = tmp_path / "ratings.parquet"
-    pq.write_table(_table(users, items, ratings), path)
+    pq.write_table(_table(users, items, ratings, ts=ts), path)
     init = np.random.default_rng(5).normal(0, 0.1, (30, 3))
     config = _config(
         tmp_path,
@@ -87,11 +103,13 @@ def test_both_modes_equal_a_dense_reference_als_from_the_same_start(spark, tmp_p
         "train.rank=3",
         "train.iterations=6",
         "train.blocks=3",
+        f"train.forgetting={forgetting}",
     )
     version = TrainJob(config, source=path, spark=spark, init=init, emit=lambda _: None).run()
     assert (version.state, version.mode, version.engine) == ("ready", mode, "velox")
     got = ModelRegistry(DataLayout.from_config(config).registry).load(version.number)
-    W, V, bias = _reference_als(users, items, ratings, 3, 1.5, 1.0, 6, init)
+    weights = forgetting ** _later_ratings(users, ts, items)
+    W, V, bias = _reference_als(users, items, ratings, weights, 3, 1.5, 1.0, 6, init)
     assert _relative(got.item_factors, V) < 1e-6
     assert _relative(got.item_bias, bias) < 1e-6
     assert _relative(got.user_weights, W) < 1e-6
