@@ -9,6 +9,7 @@ import argparse
 
 from batch_jobs.spark import parse_overrides
 from velox.config import VeloxConfig, load_config
+from velox.errors import ConfigError
 
 # flag -> setting; each flag is the same as --set train.<setting>=VALUE
 _FLAGS = {
@@ -41,6 +42,13 @@ def register(commands: argparse._SubParsersAction) -> None:
         help="a Spark setting; repeatable; wins over conf/spark-defaults.conf",
     )
     train.add_argument("--activate", action="store_true", help="activate the version when ready")
+    train.add_argument(
+        "--half-life",
+        type=float,
+        metavar="N",
+        help="age weighting: a rating followed by N later ratings of its user weighs 1/2 "
+        "(sets train.forgetting = 0.5 ** (1 / N))",
+    )
     for flag, (_, kind, text) in _FLAGS.items():
         train.add_argument(f"--{flag}", type=kind, help=text)
     train.set_defaults(handler=_train)
@@ -54,6 +62,10 @@ def _train(args: argparse.Namespace, config: VeloxConfig) -> None:
         for flag, (setting, _, _) in _FLAGS.items()
         if getattr(args, flag.replace("-", "_")) is not None
     ]
+    if args.half_life is not None:
+        if not args.half_life > 0:
+            raise ConfigError(f"--half-life must be a number of ratings > 0, got {args.half_life}")
+        flags.append(f"train.forgetting={0.5 ** (1 / args.half_life)!r}")
     if flags:
         config = load_config(args.config, overrides=[*args.overrides, *flags])
     TrainJob(

@@ -105,7 +105,8 @@ class TrainJob:
             timings["read_s"] = time.perf_counter() - started - timings["start_s"]
             self.emit(
                 f"training {train.engine} ({mode}, {backend.name}) on {count:,} ratings from "
-                f"{source}: {prepared.rejected:,} rejected, {prepared.duplicates:,} duplicates"
+                f"{source} ({train.validation:.0%} held out): {prepared.rejected:,} rejected, "
+                f"{prepared.duplicates:,} duplicates"
             )
             registry = ModelRegistry(layout.registry)
             parameters = {
@@ -245,7 +246,27 @@ def _ids(frame, column: str) -> np.ndarray:
     return np.unique(table.column(column).to_numpy(zero_copy_only=False).astype(str))
 
 
+def submit_argv(args: list[str]) -> list[str]:
+    """``velox`` arguments for ``spark-submit batch_jobs/train.py ARGS``.
+
+    The global options (``--config``, ``--set``, ``-v``) may come anywhere in
+    ``ARGS``; they are moved in front of the ``train`` command.
+
+    >>> submit_argv(["--input", "x", "--set", "data.dir=d", "-v"])
+    ['--set', 'data.dir=d', '-v', 'train', '--input', 'x']
+    """
+    front, rest, pending = [], [], iter(args)
+    for arg in pending:
+        if arg in ("--config", "--set"):
+            front += [arg, next(pending, "")]
+        elif arg in ("-v", "--verbose") or arg.startswith(("--config=", "--set=")):
+            front.append(arg)
+        else:
+            rest.append(arg)
+    return [*front, "train", *rest]
+
+
 if __name__ == "__main__":  # spark-submit batch_jobs/train.py [velox train options]
     from velox.cli import main
 
-    sys.exit(main(["train", *sys.argv[1:]]))
+    sys.exit(main(submit_argv(sys.argv[1:])))

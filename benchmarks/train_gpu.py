@@ -53,8 +53,10 @@ def main(argv: list[str] | None = None) -> int:
     run(gpu)  # compile kernels and warm the device once
     seconds = {b.name: median_seconds(lambda b=b: run(b), args.repeats) for b in (CPU, gpu)}
     cpu_model, gpu_model = results["cpu"], results["gpu"]
-    print(f"ALS rank {args.rank}, {args.iterations} iterations, {ratings.values.size:,} ratings "
-          f"({ratings.shape[0]:,} users, {ratings.shape[1]:,} items), median of {args.repeats}")
+    print(
+        f"ALS rank {args.rank}, {args.iterations} iterations, {ratings.values.size:,} ratings "
+        f"({ratings.shape[0]:,} users, {ratings.shape[1]:,} items), median of {args.repeats}"
+    )
     print("| backend | seconds | speed-up |")
     print("|---|---|---|")
     for name in ("cpu", "gpu"):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import stat
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -235,3 +236,40 @@ def test_all_rejected_input_and_too_large_a_rank_leave_nothing_ready(spark, tmp_
     registry = ModelRegistry(tmp_path / "data" / "registry")
     assert [v.state for v in registry.versions()] == ["failed"]
     assert registry.active() is None
+
+
+def test_the_job_runs_unchanged_under_spark_submit(tmp_path):
+    import shutil
+    import subprocess
+    import sys
+
+    path = tmp_path / "ratings.parquet"
+    pq.write_table(_table(*_problem()), path)
+    submit = shutil.which("spark-submit") or str(Path(sys.executable).parent / "spark-submit")
+    done = subprocess.run(
+        [
+            submit,
+            "--master",
+            "local[2]",
+            "batch_jobs/train.py",
+            "--input",
+            str(path),
+            "--set",
+            f"data.dir={tmp_path / 'data'}",
+            "--rank",
+            "3",
+            "--iterations",
+            "2",
+            "--half-life",
+            "20",
+            "--activate",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "PYSPARK_PYTHON": sys.executable},
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "iteration 2/2: train RMSE" in done.stdout
+    active = ModelRegistry(tmp_path / "data" / "registry").active()
+    assert active.name == "v1" and active.parameters["forgetting"] == pytest.approx(0.5**0.05)
