@@ -18,8 +18,12 @@
   biases and fold-ins up to the rounding of their sums (live, a batch adds to
   them user round by user round; replay adds in log order).
 
-Locks: ``_flush_lock`` serialises checkpoints and is always taken before
-``_lock``, which guards the model and keeps apply-then-commit atomic.
+Locks, always taken in this order: ``_flush_lock`` serialises checkpoints;
+``_write_lock`` serialises writers, so the log's order is the order batches
+were applied, and keeps a checkpoint from catching a batch between its apply
+and its commit; ``_lock`` guards the model itself and is held only while the
+model changes or is read (not during the synced commit), so readers wait at
+most one kernel call.
 """
 
 from __future__ import annotations
@@ -32,7 +36,13 @@ from typing import Any
 
 import numpy as np
 
-from feature_store.codec import StateBatch, decode_biases, decode_log, encode_biases
+from feature_store.codec import (
+    StateBatch,
+    decode_biases,
+    decode_log,
+    decode_observation,
+    encode_biases,
+)
 from feature_store.online import OnlineStore
 from velox.config import StoreConfig
 from velox.errors import DataError, InputError
@@ -52,17 +62,25 @@ class DurableModel:
     """
 
     def __init__(
-        self, model: OnlineModel, store: OnlineStore, config: StoreConfig | None = None
+        self,
+        model: OnlineModel,
+        store: OnlineStore,
+        config: StoreConfig | None = None,
+        *,
+        recover: bool = True,
     ) -> None:
         self.model = model
         self.store = store
         self.config = config or StoreConfig()
         self._lock = threading.RLock()
+        self._write_lock = threading.RLock()
         self._flush_lock = threading.Lock()
         self._tick = 0
+        self.cache_hits = self.cache_misses = 0
         self._applied_seq = self._persisted_seq = store.checkpoint_seq
         self._broken: str | None = None
-        self.recovered = self._recover()
+        self.recovered = self._recover() if recover else 0
+        self.reapplied = 0
         self._stop = threading.Event()
         self._writer: threading.Thread | None = None
         if self.config.checkpoint_interval > 0:
@@ -70,6 +88,58 @@ class DurableModel:
                 target=self._write_back_loop, name="velox-write-back", daemon=True
             )
             self._writer.start()
+
+    @classmethod
+    def install(
+        cls,
+        model: OnlineModel,
+        store: OnlineStore,
+        users: tuple[Sequence[str], StateBatch],
+        watermark: int,
+        config: StoreConfig | None = None,
+    ) -> DurableModel:
+        """Make a trained version the store's state; the log is kept and re-applied.
+
+        ``users`` are the version's trained user statistics (up to the log
+        position ``watermark``). Every checkpoint of the previous version is
+        dropped, the trained users are written, and every logged observation
+        after ``watermark`` is applied again under the new version, in log
+        order (not replayed: its recorded effects belong to the old version).
+        A crash part-way leaves the install marker, and the next open must
+        install again; the log is never touched.
+        """
+        config = config or StoreConfig()
+        store.begin_install(model.version)
+        keys, trained = users
+        for start in range(0, len(keys), _REPLAY_CHUNK):
+            part = slice(start, start + _REPLAY_CHUNK)
+            chunk = StateBatch(*(array[part] for array in _fields(trained)))
+            store.put_states("users", keys[part], chunk, config.state_dtype)
+        durable = cls(model, store, config, recover=False)
+        durable.reapplied = durable._reapply(watermark)
+        durable._applied_seq = store.last_seq  # everything logged is in the states now
+        durable.flush(force=True)
+        store.end_install()
+        return durable
+
+    def _reapply(self, watermark: int) -> int:
+        """Observe the logged observations after ``watermark`` again (no new log records)."""
+        done = 0
+        for seqs, records in _chunks(self.store.records_after(watermark)):
+            observations = [decode_observation(record) for record in records]
+            users = [o.user for o in observations]
+            with self._lock:
+                self._page_in(users)
+                applied = self.model.observe_many(
+                    users,
+                    [o.item for o in observations],
+                    [o.rating for o in observations],
+                    [o.ts for o in observations],
+                )
+                self._mark(applied, seqs)
+            done += len(records)
+            self._shrink()
+        return done
 
     # ---------------------------------------------------------------- serving
 
@@ -86,10 +156,11 @@ class DurableModel:
         synced write fails, the memory is ahead of the log: the model refuses
         further writes until it is reopened (which recovers from the log).
         """
-        with self._lock:
-            self._check_usable()
-            self._page_in(normalize_ids(users, "user"))
-            applied = self.model.observe_many(users, items, ratings, timestamps)
+        with self._write_lock:
+            with self._lock:
+                self._check_usable()
+                self._page_in(normalize_ids(users, "user"))
+                applied = self.model.observe_many(users, items, ratings, timestamps)
             try:
                 seqs = self.store.commit(applied)
             except Exception as exc:
@@ -97,7 +168,8 @@ class DurableModel:
                 raise DataError(
                     f"observations were not stored: {self._broken}; reopen the store to recover"
                 ) from exc
-            self._mark(applied, seqs)
+            with self._lock:
+                self._mark(applied, seqs)
         self._shrink()
         return applied, seqs
 
@@ -114,9 +186,14 @@ class DurableModel:
         return self._read(user, self.model.user_state)
 
     def _read(self, user: Any, method: Callable[..., Any], *args: Any, **options: Any) -> Any:
-        with self._lock:
+        timeout = options.pop("timeout", None)
+        if not self._lock.acquire(timeout=-1 if timeout is None else max(timeout, 0.0)):
+            raise Busy("the model is busy applying a batch")
+        try:
             self._page_in(normalize_ids([user], "user"))
             result = method(user, *args, **options)
+        finally:
+            self._lock.release()
         self._shrink()
         return result
 
@@ -138,7 +215,7 @@ class DurableModel:
         log that remains.
         """
         (key,) = normalize_ids([user], "user")
-        with self._flush_lock, self._lock:
+        with self._flush_lock, self._write_lock, self._lock:
             self._check_usable()
             self._persist(self._snapshot())
             removed = self.store.delete_user(key)
@@ -148,11 +225,11 @@ class DurableModel:
 
     # ------------------------------------------------------------ write-back
 
-    def flush(self) -> int:
+    def flush(self, *, force: bool = False) -> int:
         """Write every dirty state, the fold-ins and the biases; how many users were written."""
         with self._flush_lock:
-            with self._lock:
-                if self._applied_seq == self._persisted_seq:
+            with self._write_lock, self._lock:
+                if self._applied_seq == self._persisted_seq and not force:
                     return 0
                 snapshot = self._snapshot()
             self._persist(snapshot)
@@ -232,6 +309,8 @@ class DurableModel:
         table = self.model.users
         wanted = list(dict.fromkeys(users))
         missing = [u for u, r in zip(wanted, table.find(wanted), strict=True) if r < 0]
+        self.cache_misses += len(missing)
+        self.cache_hits += len(wanted) - len(missing)
         if missing:
             found, states = self.store.get_states(missing)
             if states is not None:
@@ -286,6 +365,14 @@ class DurableModel:
             log.info("recovered %d logged observations after checkpoint", replayed)
             self.flush()
         return replayed
+
+
+def _fields(states: StateBatch) -> tuple[np.ndarray, ...]:
+    return states.A, states.b, states.count, states.seq, states.updated
+
+
+class Busy(DataError):
+    """A read could not get the model within its deadline (a batch is being applied)."""
 
 
 def _chunks(records: Iterator[tuple[int, bytes]]) -> Iterator[tuple[np.ndarray, list[bytes]]]:

@@ -49,6 +49,8 @@ STATE_FAMILIES = ("users", "items")
 _FORMAT_KEY = b"format_version"
 _CHECKPOINT_KEY = b"checkpoint"
 _BIASES_KEY = b"biases"
+_INSTALLING_KEY = b"installing"
+_ABOVE_UTF8 = b"\xff"  # no UTF-8 key starts with 0xff, so [b"", this) spans a family
 
 
 def _seq_key(seq: int) -> bytes:
@@ -212,12 +214,56 @@ class OnlineStore:
         self._check_writable()
         batch = rocksdict.WriteBatch(raw_mode=True)
         for family, (keys, batch_states) in states.items():
-            handle = self._handles[family]
-            for key, record in zip(keys, encode_states(batch_states, dtype), strict=True):
-                batch.put(key.encode(), record, handle)
+            self._add_states(batch, family, keys, batch_states, dtype)
         batch.put(_BIASES_KEY, biases, self._handles["meta"])
         batch.put(_CHECKPOINT_KEY, _seq_key(upto), self._handles["meta"])
         self._db.write(batch)
+
+    def installing(self) -> str | None:
+        """The model version an unfinished :meth:`begin_install` was installing, if any."""
+        marker = self._cf["meta"].get(_INSTALLING_KEY)
+        return marker.decode() if marker is not None else None
+
+    def begin_install(self, version: str) -> None:
+        """Mark an install of ``version`` and drop every state checkpoint, in one synced write.
+
+        The log stays. Until :meth:`end_install`, opening the store must
+        redo the install (the marker says so).
+        """
+        self._check_writable()
+        batch = rocksdict.WriteBatch(raw_mode=True)
+        batch.put(_INSTALLING_KEY, version.encode(), self._handles["meta"])
+        for family in STATE_FAMILIES:
+            batch.delete_range(b"", _ABOVE_UTF8, self._handles[family])
+        batch.delete(_BIASES_KEY, self._handles["meta"])
+        batch.delete(_CHECKPOINT_KEY, self._handles["meta"])
+        self._db.write(batch, self._sync)
+
+    def end_install(self) -> None:
+        """Clear the install marker (synced): the states now belong to the installed version."""
+        self._check_writable()
+        batch = rocksdict.WriteBatch(raw_mode=True)
+        batch.delete(_INSTALLING_KEY, self._handles["meta"])
+        self._db.write(batch, self._sync)
+
+    def put_states(self, family: str, keys: Sequence[str], states: StateBatch, dtype: str) -> None:
+        """Write state checkpoints without moving the checkpoint watermark (used by installs)."""
+        self._check_writable()
+        batch = rocksdict.WriteBatch(raw_mode=True)
+        self._add_states(batch, family, keys, states, dtype)
+        self._db.write(batch)
+
+    def _add_states(
+        self,
+        batch: rocksdict.WriteBatch,
+        family: str,
+        keys: Sequence[str],
+        states: StateBatch,
+        dtype: str,
+    ) -> None:
+        handle = self._handles[family]
+        for key, record in zip(keys, encode_states(states, dtype), strict=True):
+            batch.put(key.encode(), record, handle)
 
     def get_biases(self) -> bytes | None:
         """The last checkpoint of the online biases, if any."""
@@ -280,6 +326,8 @@ class OnlineStore:
         The column-family views share the database, so the lock is only
         released once they are dropped too.
         """
+        if not self._cf:  # already closed
+            return
         self._cf.clear()
         self._handles.clear()
         self._db.close()

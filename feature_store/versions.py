@@ -1,0 +1,107 @@
+"""From a registry version to a serving model over the online store.
+
+:func:`open_active` is what ``velox serve`` runs at start: the active version
+of the registry, with the online store recovered if it already holds that
+version's state, or the version installed (trained users, then the log after
+its watermark applied again) if it holds another version's, an unfinished
+install, or nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+
+from feature_store.codec import StateBatch, decode_biases
+from feature_store.durable import DurableModel
+from feature_store.layout import DataLayout
+from feature_store.online import OnlineStore
+from feature_store.registry import ModelArtifacts, ModelRegistry, ModelVersion
+from velox.backend import Backend
+from velox.config import VeloxConfig
+from velox.errors import DataError
+from velox.features import MatrixFactorization
+from velox.model import OnlineModel
+
+log = logging.getLogger(__name__)
+
+
+def model_of(
+    artifacts: ModelArtifacts, version: str, config: VeloxConfig, backend: Backend
+) -> OnlineModel:
+    """The online model of a version, without users (they come from the store on demand)."""
+    features = MatrixFactorization(
+        artifacts.item_ids,
+        artifacts.item_factors,
+        version=version,
+        backend=backend,
+        dtype=config.model.dtype,
+    )
+    model = OnlineModel(
+        features,
+        global_mean=artifacts.global_mean,
+        item_bias=artifacts.item_bias,
+        train_count=artifacts.train_count,
+        config=config.model,
+        backend=backend,
+    )
+    if config.model.prior == "mean" and len(artifacts.user_ids):
+        model.users.prior_mean = artifacts.user_weights.mean(axis=0).astype(model.users.dtype)
+    return model
+
+
+def trained_users(artifacts: ModelArtifacts, watermark: int) -> tuple[list[str], StateBatch]:
+    """A version's user statistics as state checkpoints that include the log up to ``watermark``."""
+    n = len(artifacts.user_ids)
+    states = StateBatch(
+        artifacts.user_gram,
+        artifacts.user_rhs,
+        np.asarray(artifacts.user_count, dtype=np.int64),
+        np.full(n, watermark, dtype=np.int64),
+        np.zeros(n),
+    )
+    return [str(u) for u in artifacts.user_ids], states
+
+
+def store_version(store: OnlineStore) -> str | None:
+    """The version whose state the store holds (None: none, or an install did not finish)."""
+    if store.installing() is not None:
+        return None
+    record = store.get_biases()
+    return decode_biases(record)[2] if record is not None else None
+
+
+def serve_version(
+    version: ModelVersion,
+    registry: ModelRegistry,
+    store: OnlineStore,
+    config: VeloxConfig,
+    backend: Backend,
+) -> DurableModel:
+    """The durable model of ``version`` over ``store``: recovered, or installed first."""
+    artifacts = registry.load(version.number)
+    model = model_of(artifacts, version.name, config, backend)
+    if store_version(store) == version.name:
+        return DurableModel(model, store, config.store)
+    log.info("installing model %s into %s", version.name, store.path)
+    users = trained_users(artifacts, version.watermark)
+    return DurableModel.install(model, store, users, version.watermark, config.store)
+
+
+def open_active(config: VeloxConfig, backend: Backend) -> tuple[DurableModel, ModelVersion]:
+    """Open the online store under the registry's active version (for ``velox serve``)."""
+    layout = DataLayout.from_config(config)
+    registry = ModelRegistry(layout.registry)
+    active = registry.active()
+    if active is None:
+        raise DataError(
+            f"no active model in {layout.registry}; train one with `velox train --activate` "
+            "(or start with `velox serve --bootstrap`)"
+        )
+    store = OnlineStore(layout.online)
+    try:
+        return serve_version(active, registry, store, config, backend), active
+    except BaseException:
+        store.close()
+        raise
