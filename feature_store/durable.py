@@ -31,6 +31,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from itertools import islice
 from typing import Any
 
@@ -79,6 +80,7 @@ class DurableModel:
         self.cache_hits = self.cache_misses = 0
         self._applied_seq = self._persisted_seq = store.checkpoint_seq
         self._broken: str | None = None
+        self._retired = ""
         self.recovered = self._recover() if recover else 0
         self.reapplied = 0
         self._stop = threading.Event()
@@ -173,29 +175,45 @@ class DurableModel:
         self._shrink()
         return applied, seqs
 
-    def predict(self, user: Any, items: Sequence[Any]) -> Prediction:
-        """:meth:`OnlineModel.predict` with the user's state read through the cache."""
-        return self._read(user, self.model.predict, items)
+    def predict(
+        self, user: Any, items: Sequence[Any], *, timeout: float | None = None
+    ) -> Prediction:
+        """:meth:`OnlineModel.predict` through the cache; :class:`Busy` after ``timeout`` s."""
+        return self._read(user, timeout, self.model.predict, items)
 
-    def topk(self, user: Any, k: int, **options: Any) -> Prediction:
-        """:meth:`OnlineModel.topk` with the user's state read through the cache."""
-        return self._read(user, self.model.topk, k, **options)
+    def topk(
+        self, user: Any, k: int, *, timeout: float | None = None, **options: Any
+    ) -> Prediction:
+        """:meth:`OnlineModel.topk` through the cache; :class:`Busy` after ``timeout`` s."""
+        return self._read(user, timeout, self.model.topk, k, **options)
 
     def user_state(self, user: Any) -> UserState:
         """The user's state (the prior for a user never seen)."""
-        return self._read(user, self.model.user_state)
+        return self._read(user, None, self.model.user_state)
 
-    def _read(self, user: Any, method: Callable[..., Any], *args: Any, **options: Any) -> Any:
-        timeout = options.pop("timeout", None)
+    def _read(
+        self,
+        user: Any,
+        timeout: float | None,
+        method: Callable[..., Any],
+        *args: Any,
+        **options: Any,
+    ) -> Any:
         if not self._lock.acquire(timeout=-1 if timeout is None else max(timeout, 0.0)):
             raise Busy("the model is busy applying a batch")
         try:
+            if self._retired:
+                raise Replaced(self._retired)
             self._page_in(normalize_ids([user], "user"))
             result = method(user, *args, **options)
         finally:
             self._lock.release()
         self._shrink()
         return result
+
+    def rated(self, user: str) -> set[str]:
+        """Items the user has rated (from the log's index), for top-K exclusion."""
+        return self.store.rated(user)
 
     def statistics(self, users: Sequence[str]) -> tuple[np.ndarray, ...]:
         """``(A, b, count, seq, updated)`` of users that have a state, in the order given."""
@@ -237,12 +255,28 @@ class DurableModel:
 
     def close(self) -> None:
         """Stop the background writer, write everything back, close the store."""
+        self._stop_writer()
+        if self._broken is None and not self._retired:
+            self.flush()
+        self.store.close()
+
+    @contextmanager
+    def handing_over(self, reason: str) -> Iterator[None]:
+        """Everything written back and every lock held while another model takes the store.
+
+        Writers and readers wait; afterwards this model refuses both
+        (:class:`Replaced`), so callers switch to the new one.
+        """
+        self._stop_writer()
+        with self._flush_lock, self._write_lock, self._lock:
+            self._persist(self._snapshot())
+            yield
+            self._retired = reason
+
+    def _stop_writer(self) -> None:
         self._stop.set()
         if self._writer is not None:
             self._writer.join()
-        if self._broken is None:
-            self.flush()
-        self.store.close()
 
     def __enter__(self) -> DurableModel:
         return self
@@ -301,6 +335,8 @@ class DurableModel:
     # --------------------------------------------------------------- internals
 
     def _check_usable(self) -> None:
+        if self._retired:
+            raise Replaced(self._retired)
         if self._broken is not None:
             raise DataError(f"the store refuses writes: {self._broken}; reopen it to recover")
 
@@ -373,6 +409,10 @@ def _fields(states: StateBatch) -> tuple[np.ndarray, ...]:
 
 class Busy(DataError):
     """A read could not get the model within its deadline (a batch is being applied)."""
+
+
+class Replaced(Busy):
+    """This model has handed its store to another version; ask the new one."""
 
 
 def _chunks(records: Iterator[tuple[int, bytes]]) -> Iterator[tuple[np.ndarray, list[bytes]]]:

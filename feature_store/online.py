@@ -8,6 +8,8 @@ Column families:
 * ``users``: user id (UTF-8) -> state record (sufficient statistics tagged
   with the last sequence number they include);
 * ``items``: the same for items folded in online (unknown to the model version);
+* ``rated``: ``user \0 item`` -> empty, for every logged pair, written with the
+  log (what top-K excludes: the items a user already rated);
 * ``meta``: the format version, the online biases, and the checkpoint
   watermark: every state change up to it is in a checkpoint.
 
@@ -44,7 +46,7 @@ from velox.model import Applied
 
 log = logging.getLogger(__name__)
 
-COLUMN_FAMILIES = ("log", "users", "items", "meta")
+COLUMN_FAMILIES = ("log", "users", "items", "rated", "meta")
 STATE_FAMILIES = ("users", "items")
 _FORMAT_KEY = b"format_version"
 _CHECKPOINT_KEY = b"checkpoint"
@@ -55,6 +57,10 @@ _ABOVE_UTF8 = b"\xff"  # no UTF-8 key starts with 0xff, so [b"", this) spans a f
 
 def _seq_key(seq: int) -> bytes:
     return seq.to_bytes(8, "big")
+
+
+def _pair_key(user: str, item: str) -> bytes:
+    return user.encode() + b"\0" + item.encode()
 
 
 def _iterate_records(log_family: rocksdict.Rdict, seq: int) -> Iterator[tuple[int, bytes]]:
@@ -181,6 +187,8 @@ class OnlineStore:
             batch = rocksdict.WriteBatch(raw_mode=True)
             for offset, record in enumerate(records):
                 batch.put(_seq_key(first + offset), record, self._handles["log"])
+            for user, item in zip(applied.users, applied.items, strict=True):
+                batch.put(_pair_key(user, item), b"", self._handles["rated"])
             self._db.write(batch, self._sync)
             self._next_seq = first + len(records)
         return np.arange(first, first + len(records), dtype=np.int64)
@@ -265,6 +273,17 @@ class OnlineStore:
         for key, record in zip(keys, encode_states(states, dtype), strict=True):
             batch.put(key.encode(), record, handle)
 
+    def rated(self, user: str) -> set[str]:
+        """The items ``user`` has rated, as logged."""
+        prefix = user.encode() + b"\0"
+        cursor = self._cf["rated"].iter()
+        cursor.seek(prefix)
+        items = set()
+        while cursor.valid() and cursor.key().startswith(prefix):
+            items.add(cursor.key()[len(prefix) :].decode())
+            cursor.next()
+        return items
+
     def get_biases(self) -> bytes | None:
         """The last checkpoint of the online biases, if any."""
         return self._cf["meta"].get(_BIASES_KEY)
@@ -302,6 +321,8 @@ class OnlineStore:
                     batch.delete(_seq_key(seq), self._handles["log"])
                     removed += 1
             batch.delete(user.encode(), self._handles["users"])
+            prefix = user.encode() + b"\0"
+            batch.delete_range(prefix, user.encode() + b"\1", self._handles["rated"])
             self._db.write(batch, self._sync)
         return removed
 

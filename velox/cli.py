@@ -85,6 +85,8 @@ def _run(args: argparse.Namespace, config: VeloxConfig) -> None:
         for key, _, doc in describe():
             section, name = key.split(".")
             value = getattr(getattr(config, section), name)
+            if name.endswith("_token") and value:
+                value = "<set>"  # secrets are never printed
             print(f"{key} = {value!r}    # {doc}")
 
 

@@ -171,6 +171,33 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class ServeConfig:
+    """The HTTP serving tier (``velox serve``)."""
+
+    host: str = setting("127.0.0.1", "Address to listen on.")
+    port: int = setting(8080, "TCP port to listen on.", low=0, high=65535)
+    batch_wait_ms: float = setting(
+        2.0, "Longest an observation waits for others to share its micro-batch.", low=0.0
+    )
+    batch_max: int = setting(256, "Most observations in one micro-batch.", low=1)
+    max_body_bytes: int = setting(1_048_576, "Largest request body accepted.", low=1024)
+    max_list: int = setting(1000, "Most items, candidates or observations in one request.", low=1)
+    max_id_length: int = setting(256, "Longest user or item id, in characters.", low=1)
+    max_k: int = setting(1000, "Largest k of a top-K request.", low=1)
+    rating_min: float = setting(0.0, "Smallest rating accepted by observe.")
+    rating_max: float = setting(5.0, "Largest rating accepted by observe.")
+    deadline_ms: float = setting(
+        50.0,
+        "Latency bound of predict and top-K; a request that would miss it gets the prior's "
+        "answer, flagged degraded (0: no bound).",
+        low=0.0,
+    )
+    read_token: str = setting("", "Bearer token for reads (empty: reads are open).")
+    write_token: str = setting("", "Bearer token for observe and deletion (empty: open).")
+    admin_token: str = setting("", "Bearer token for model activation (empty: open).")
+
+
+@dataclass(frozen=True)
 class VeloxConfig:
     """All settings, one attribute per section."""
 
@@ -179,6 +206,7 @@ class VeloxConfig:
     compute: ComputeConfig = field(default_factory=ComputeConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
 
 
 def sections() -> dict[str, type]:

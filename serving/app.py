@@ -1,0 +1,467 @@
+"""The aiohttp application: routes of DESIGN.md section 5, middlewares, lifecycles.
+
+``create_app(config)`` builds the app; its state lives under typed
+``web.AppKey``s. One cleanup context opens the online store under the active
+model version (and closes it last), another runs the micro-batcher (and
+drains it first on shutdown). Middlewares turn every error into
+``{"error", "message"}`` with its status, check bearer tokens, and time each
+request into the metrics.
+
+Reads (``/predict``, ``/topk``, ``GET /users``) run on the event loop: they
+take the model lock for one small computation. Observations go through the
+batcher, which applies and commits in a worker thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import time
+from dataclasses import dataclass
+
+import numpy as np
+from aiohttp import web
+
+from feature_store.durable import Busy, DurableModel, Replaced
+from feature_store.layout import DataLayout
+from feature_store.offline import OfflineStore
+from feature_store.registry import ModelRegistry
+from feature_store.versions import open_active, serve_version
+from serving.batcher import Closed, MicroBatcher
+from serving.metrics import Metrics
+from serving.openapi import openapi_document
+from serving.schemas import (
+    ObservationBody,
+    PredictBody,
+    RequestError,
+    TopKBody,
+    check_id,
+    check_ids,
+    check_observations,
+    check_topk,
+    decode,
+)
+from velox.backend import get_backend
+from velox.config import ServeConfig, VeloxConfig
+from velox.errors import DataError, InputError, VeloxError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Serving:
+    """What the handlers share: the model over its store, the batcher, the metrics."""
+
+    config: VeloxConfig
+    durable: DurableModel
+    registry: ModelRegistry
+    metrics: Metrics
+    batcher: MicroBatcher | None = None
+    swap_lock: asyncio.Lock | None = None
+    compute_seconds: float = 0.0005
+    """Running estimate of a read's compute time, for the deadline check."""
+
+    @property
+    def limits(self) -> ServeConfig:
+        return self.config.serve
+
+
+CONFIG = web.AppKey("config", VeloxConfig)
+STATE = web.AppKey("state", Serving)
+METRICS = web.AppKey("metrics", Metrics)
+
+READ, WRITE, ADMIN = "read", "write", "admin"
+_SCOPES = {  # (method, route) -> scope; routes not listed are open
+    ("POST", "/predict"): READ,
+    ("POST", "/topk"): READ,
+    ("GET", "/users/{user}"): READ,
+    ("GET", "/models"): READ,
+    ("POST", "/observe"): WRITE,
+    ("DELETE", "/users/{user}"): WRITE,
+    ("POST", "/models/{version}/activate"): ADMIN,
+}
+
+
+def _error(status: int, code: str, message: str) -> web.Response:
+    return web.json_response({"error": code, "message": message}, status=status)
+
+
+# ------------------------------------------------------------------ middlewares
+
+
+@web.middleware
+async def errors_middleware(request: web.Request, handler) -> web.StreamResponse:
+    """Every failure as ``{"error", "message"}``; a server fault is logged, never leaked."""
+    try:
+        return await handler(request)
+    except RequestError as exc:
+        return _error(exc.status, exc.code, exc.message)
+    except InputError as exc:
+        return _error(422, "validation_error", str(exc))
+    except web.HTTPRequestEntityTooLarge:
+        limit = request.app[CONFIG].serve.max_body_bytes
+        return _error(413, "payload_too_large", f"the body is larger than {limit} bytes")
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status, "bad_request")
+        return _error(exc.status, code, exc.reason)
+    except Closed as exc:
+        return _error(503, "unavailable", str(exc))
+    except VeloxError as exc:
+        log.error("request failed: %s", exc)
+        return _error(503, "unavailable", str(exc))
+    except Exception:
+        log.exception("unexpected error in %s %s", request.method, request.path)
+        return _error(500, "internal", "an unexpected error occurred; see the server log")
+
+
+@web.middleware
+async def metrics_middleware(request: web.Request, handler) -> web.StreamResponse:
+    started = time.perf_counter()
+    response = await handler(request)
+    route = request.match_info.route.resource
+    name = route.canonical if route is not None else "unmatched"
+    labels = {"route": name, "status": str(response.status)}
+    metrics = request.app[METRICS]
+    metrics.requests.inc(**labels)
+    metrics.latency.observe(time.perf_counter() - started, **labels)
+    return response
+
+
+@web.middleware
+async def auth_middleware(request: web.Request, handler) -> web.StreamResponse:
+    """Bearer tokens per scope; admin covers write, write covers read. Constant-time compares."""
+    route = request.match_info.route.resource
+    scope = _SCOPES.get((request.method, route.canonical if route is not None else ""))
+    if scope is not None:
+        _authorize(request, scope, request.app[CONFIG].serve)
+    return await handler(request)
+
+
+def _authorize(request: web.Request, scope: str, limits: ServeConfig) -> None:
+    tokens = {READ: limits.read_token, WRITE: limits.write_token, ADMIN: limits.admin_token}
+    allowed = {READ: (READ, WRITE, ADMIN), WRITE: (WRITE, ADMIN), ADMIN: (ADMIN,)}[scope]
+    if not tokens[scope]:
+        return  # this access is open
+    header = request.headers.get("Authorization", "")
+    if not header.startswith("Bearer "):
+        raise RequestError(401, "unauthorized", "this route needs 'Authorization: Bearer <token>'")
+    given = header.removeprefix("Bearer ").strip().encode()
+    held = [
+        name
+        for name, token in tokens.items()
+        if token and hmac.compare_digest(given, token.encode())
+    ]
+    if not held:
+        raise RequestError(401, "unauthorized", "the bearer token is not valid")
+    if not any(name in allowed for name in held):
+        raise RequestError(403, "forbidden", f"this route needs a token with {scope} access")
+
+
+# -------------------------------------------------------------------- handlers
+
+
+async def predict(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    body = decode(await request.read(), PredictBody)
+    user = check_id(body.user, "user", state.limits)
+    items = check_ids(body.items, "items", state.limits)
+    result, degraded = _within_deadline(
+        request,
+        state,
+        lambda timeout: state.durable.predict(user, items, timeout=timeout),
+        lambda: _prior_scores(state.durable, items),
+    )
+    return _scores_response(state, user, result, degraded)
+
+
+async def topk(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    body = decode(await request.read(), TopKBody)
+    check_topk(body, state.limits)
+    user = check_id(body.user, "user", state.limits)
+    candidates = None
+    if body.candidates is not None:
+        candidates = check_ids(body.candidates, "candidates", state.limits, empty=True)
+    exclude = set() if body.include_rated else state.durable.rated(user)
+
+    def compute(timeout):
+        return state.durable.topk(
+            user,
+            body.k,
+            candidates=candidates,
+            exclude=exclude,
+            explore=body.explore,
+            alpha=body.alpha,
+            timeout=timeout,
+        )
+
+    def fallback():
+        keys = candidates if candidates is not None else list(state.durable.model.features.item_ids)
+        keys = [k for k in keys if k not in exclude]
+        ranked = _prior_scores(state.durable, keys)
+        top = np.argsort(-ranked[1], kind="stable")[: body.k]
+        return [keys[i] for i in top], ranked[1][top], ranked[2][top]
+
+    result, degraded = _within_deadline(request, state, compute, fallback)
+    response = _scores_response(state, user, result, degraded)
+    return response
+
+
+def _within_deadline(request, state: Serving, compute, fallback):
+    """The model's answer, or the prior's when the deadline would be missed (Clipper-style)."""
+    limit = state.limits.deadline_ms / 1000
+    if limit <= 0:
+        return _as_tuple(compute(None)), False
+    left = limit - (time.monotonic() - request["started"]) - state.compute_seconds
+    if left > 0:
+        began = time.perf_counter()
+        try:
+            result = compute(left)
+        except Busy:
+            pass
+        else:
+            spent = time.perf_counter() - began
+            state.compute_seconds = 0.9 * state.compute_seconds + 0.1 * spent
+            return _as_tuple(result), False
+    route = request.match_info.route.resource.canonical
+    state.metrics.degraded.inc(route=route)
+    return fallback(), True
+
+
+def _as_tuple(prediction) -> tuple[list[str], np.ndarray, np.ndarray]:
+    return prediction.items, prediction.scores, prediction.cold
+
+
+def _prior_scores(durable: DurableModel, items: list[str]):
+    """``mu + b_i``: the answer for any user when there is no time to ask the model."""
+    model = durable.model
+    scores = model.biases.mean + model.biases.bias(model.biases.find(items))
+    return items, scores, model.features.lookup(items) < 0
+
+
+def _scores_response(state: Serving, user: str, result, degraded: bool) -> web.Response:
+    items, scores, cold = result
+    return web.json_response(
+        {
+            "user": user,
+            "version": state.durable.model.version,
+            "items": [
+                {"item": i, "score": float(s), "cold": bool(c)}
+                for i, s, c in zip(items, scores, cold, strict=True)
+            ],
+            "degraded": degraded,
+        }
+    )
+
+
+async def observe(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    raw = await request.read()
+    single = raw.lstrip()[:1] == b"{"
+    body = decode(raw, ObservationBody if single else list[ObservationBody])
+    observations = [body] if single else body
+    users, items, ratings, ts = check_observations(observations, state.limits)
+    now = time.time()
+    ts = [now if t is None else t for t in ts]
+    (applied, seqs), part = await state.batcher.submit(users, items, ratings, ts)
+    return web.json_response(
+        {
+            "accepted": len(users),
+            "seqs": seqs[part].tolist(),
+            "predictions": applied.predictions[part].tolist(),
+            "cold": applied.cold[part].tolist(),
+        }
+    )
+
+
+async def get_user(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    user = check_id(request.match_info["user"], "user", state.limits)
+    info = state.durable.user_state(user)
+    return web.json_response(
+        {
+            "user": info.user,
+            "known": info.known,
+            "observations": info.observations,
+            "version": info.version,
+            "last_update": info.last_update,
+            "weights": info.weights.tolist(),
+        }
+    )
+
+
+async def delete_user(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    user = check_id(request.match_info["user"], "user", state.limits)
+    loop = asyncio.get_running_loop()
+    logged = await loop.run_in_executor(None, state.durable.delete_user, user)
+    layout = DataLayout.from_config(state.config)
+    stored = 0
+    if layout.offline.is_dir():
+        stored = await loop.run_in_executor(None, OfflineStore(layout.offline).delete_user, user)
+    return web.json_response(
+        {"user": user, "deleted": True, "log_records": logged, "offline_rows": stored}
+    )
+
+
+async def models(request: web.Request) -> web.Response:
+    registry = request.app[STATE].registry
+    versions = registry.versions()
+    active = next((v.name for v in versions if v.state == "active"), None)
+    return web.json_response(
+        {
+            "active": active,
+            "serving": request.app[STATE].durable.model.version,
+            "versions": [
+                {
+                    "version": v.name,
+                    "state": v.state,
+                    "created": v.created,
+                    "engine": v.engine,
+                    "mode": v.mode,
+                    "watermark": v.watermark,
+                    "metrics": v.metrics,
+                }
+                for v in versions
+            ],
+        }
+    )
+
+
+async def activate(request: web.Request) -> web.Response:
+    """Switch to a ready version: install it over the store, then swap, then point at it."""
+    state = request.app[STATE]
+    name = request.match_info["version"]
+    if not (name.startswith("v") and name[1:].isdigit()):
+        raise RequestError(404, "not_found", f"no model version {name!r}; versions look like v3")
+    try:
+        version = state.registry.get(int(name[1:]))
+    except DataError as exc:
+        raise RequestError(404, "not_found", str(exc)) from None
+    if version.state not in ("ready", "active"):
+        raise RequestError(
+            409, "conflict", f"{version.name} is {version.state}; only a ready version can serve"
+        )
+    async with state.swap_lock:
+        if version.name != state.durable.model.version:
+            await asyncio.get_running_loop().run_in_executor(None, _swap, state, version)
+        state.registry.activate(version.number)
+    return web.json_response({"active": version.name})
+
+
+def _swap(state: Serving, version) -> None:
+    """Install ``version`` over the store while reads and writes wait, then serve it.
+
+    Reads in the meantime get the prior's answer (flagged degraded) when a
+    deadline is set; writes wait and are then applied by the new version.
+    """
+    old = state.durable
+    with old.handing_over(f"model {old.model.version} was replaced by {version.name}"):
+        state.durable = serve_version(
+            version, state.registry, old.store, state.config, old.model.backend
+        )
+    state.metrics.active.values.clear()
+    state.metrics.active.set(1, version=version.name)
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    state = request.app.get(STATE)
+    if state is None or state.batcher is None:
+        return _error(503, "unavailable", "the model is not loaded yet")
+    return web.json_response({"status": "ready", "version": state.durable.model.version})
+
+
+async def metrics(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    state.metrics.queue_depth.set(state.batcher.waiting if state.batcher else 0)
+    state.metrics.cache.values.clear()
+    state.metrics.cache.inc(state.durable.cache_hits, result="hit")
+    state.metrics.cache.inc(state.durable.cache_misses, result="miss")
+    return web.Response(text=state.metrics.render(), content_type="text/plain", charset="utf-8")
+
+
+async def openapi(request: web.Request) -> web.Response:
+    return web.json_response(openapi_document())
+
+
+# ------------------------------------------------------------------- lifecycle
+
+
+async def _model_ctx(app: web.Application):
+    config = app[CONFIG]
+    backend = get_backend(config.compute.device)
+    durable, version = await asyncio.get_running_loop().run_in_executor(
+        None, open_active, config, backend
+    )
+    metrics = app[METRICS]
+    metrics.active.set(1, version=version.name)
+    layout = DataLayout.from_config(config)
+    app[STATE] = Serving(
+        config, durable, ModelRegistry(layout.registry), metrics, swap_lock=asyncio.Lock()
+    )
+    log.info("serving model %s", version.name)
+    yield
+    await asyncio.get_running_loop().run_in_executor(None, app[STATE].durable.close)
+
+
+async def _batcher_ctx(app: web.Application):
+    state = app[STATE]
+    metrics = state.metrics
+
+    def apply(users, items, ratings, ts):
+        try:
+            applied, seqs = state.durable.observe(users, items, ratings, ts)
+        except Replaced:  # a version switch finished while this batch waited: use the new one
+            applied, seqs = state.durable.observe(users, items, ratings, ts)
+        errors = applied.predictions - applied.ratings
+        metrics.prequential_sse.inc(float(np.sum(errors**2)), version=applied.version)
+        metrics.prequential_count.inc(len(errors), version=applied.version)
+        return applied, seqs
+
+    serve = state.limits
+    state.batcher = MicroBatcher(
+        apply,
+        wait=serve.batch_wait_ms / 1000,
+        limit=serve.batch_max,
+        on_batch=lambda n: metrics.batch_size.observe(n),
+    )
+    state.batcher.start()
+    yield
+    await state.batcher.close()
+
+
+@web.middleware
+async def _clock(request: web.Request, handler) -> web.StreamResponse:
+    request["started"] = time.monotonic()
+    return await handler(request)
+
+
+def create_app(config: VeloxConfig) -> web.Application:
+    """The serving application for ``config`` (the model loads when the app starts)."""
+    app = web.Application(
+        middlewares=[_clock, metrics_middleware, errors_middleware, auth_middleware],
+        client_max_size=config.serve.max_body_bytes,
+    )
+    app[CONFIG] = config
+    app[METRICS] = Metrics()
+    app.cleanup_ctx.append(_model_ctx)
+    app.cleanup_ctx.append(_batcher_ctx)
+    app.router.add_post("/predict", predict)
+    app.router.add_post("/topk", topk)
+    app.router.add_post("/observe", observe)
+    app.router.add_get("/users/{user}", get_user)
+    app.router.add_delete("/users/{user}", delete_user)
+    app.router.add_get("/models", models)
+    app.router.add_post("/models/{version}/activate", activate)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/openapi.json", openapi)
+    return app

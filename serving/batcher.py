@@ -1,0 +1,118 @@
+"""Micro-batching of observations: many requests, one kernel call, one synced write.
+
+Requests hand their observations to :meth:`MicroBatcher.submit` and wait. A
+single task gathers what arrives for at most ``wait`` seconds or ``limit``
+observations (a request is never split), then applies the batch in a worker
+thread (the kernels and the fsync must not block the event loop) and answers
+every request from the result. One batch is applied at a time, in arrival
+order, so observations of one user are applied in the order they arrived.
+On shutdown the pending batch is applied and answered before the task ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Pending:
+    columns: tuple[list, list, list, list]
+    future: asyncio.Future
+
+
+class Closed(Exception):
+    """The batcher is shutting down and takes no new observations."""
+
+
+class MicroBatcher:
+    """Gather observations from concurrent requests and apply them together."""
+
+    def __init__(
+        self,
+        apply: Callable[[list, list, list, list], Any],
+        *,
+        wait: float,
+        limit: int,
+        on_batch: Callable[[int], None] = lambda n: None,
+    ) -> None:
+        self._apply = apply
+        self._wait, self._limit = wait, limit
+        self._on_batch = on_batch
+        self._queue: asyncio.Queue[_Pending | None] = asyncio.Queue()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="velox-batch")
+        self._task: asyncio.Task | None = None
+        self._closed = False
+        self.waiting = 0
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="velox-batcher")
+
+    async def submit(self, users: list, items: list, ratings: list, ts: list) -> Any:
+        """Queue one request's observations; its slice of the batch result when durable."""
+        if self._closed:
+            raise Closed("the server is shutting down")
+        future = asyncio.get_running_loop().create_future()
+        self.waiting += len(users)
+        self._queue.put_nowait(_Pending((users, items, ratings, ts), future))
+        return await future
+
+    async def close(self) -> None:
+        """Stop taking observations, apply and answer what is queued, stop the worker."""
+        self._closed = True
+        self._queue.put_nowait(None)
+        if self._task is not None:
+            await self._task
+        self._executor.shutdown(wait=True)
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        stopping = False
+        while not stopping:
+            first = await self._queue.get()
+            if first is None:
+                break
+            batch, size = [first], len(first.columns[0])
+            deadline = loop.time() + self._wait
+            while size < self._limit:
+                try:
+                    item = self._queue.get_nowait()
+                except asyncio.QueueEmpty:
+                    left = deadline - loop.time()
+                    if left <= 0:
+                        break
+                    try:
+                        item = await asyncio.wait_for(self._queue.get(), left)
+                    except TimeoutError:
+                        break
+                if item is None:
+                    stopping = True
+                    break
+                batch.append(item)
+                size += len(item.columns[0])
+            await self._apply_batch(loop, batch, size)
+
+    async def _apply_batch(self, loop, batch: list[_Pending], size: int) -> None:
+        columns = tuple([value for p in batch for value in p.columns[c]] for c in range(4))
+        self.waiting -= size
+        self._on_batch(size)
+        try:
+            result = await loop.run_in_executor(self._executor, self._apply, *columns)
+        except Exception as exc:  # every request of the batch gets the failure
+            log.exception("applying a batch of %d observations failed", size)
+            for pending in batch:
+                if not pending.future.done():
+                    pending.future.set_exception(exc)
+            return
+        start = 0
+        for pending in batch:
+            n = len(pending.columns[0])
+            if not pending.future.done():
+                pending.future.set_result((result, slice(start, start + n)))
+            start += n

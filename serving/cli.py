@@ -1,0 +1,69 @@
+"""``velox serve``: run the HTTP API on the active model version.
+
+Registered as a ``velox.commands`` entry point (see :mod:`velox.cli`).
+``--bootstrap`` trains a first version from the synthetic generator when the
+registry has no active one (on the driver, without Spark), so a new install
+answers requests at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from aiohttp import web
+
+from feature_store.layout import DataLayout
+from feature_store.registry import ModelArtifacts, ModelRegistry
+from velox.als import ALSParams, Ratings, train_als
+from velox.config import VeloxConfig, load_config
+from velox.datasets import SyntheticSpec, synthesize
+
+log = logging.getLogger(__name__)
+
+
+def register(commands: argparse._SubParsersAction) -> None:
+    """Add ``velox serve`` to the command line."""
+    serve = commands.add_parser("serve", help="serve predictions and learn online over HTTP")
+    serve.add_argument("--host", help="address to listen on (serve.host)")
+    serve.add_argument("--port", type=int, help="port to listen on (serve.port)")
+    serve.add_argument(
+        "--bootstrap",
+        action="store_true",
+        help="with no active model, train one on synthetic data first",
+    )
+    serve.set_defaults(handler=_serve)
+
+
+def bootstrap(config: VeloxConfig) -> None:
+    """Train and activate a first version from the synthetic generator."""
+    registry = ModelRegistry(DataLayout.from_config(config).registry)
+    if registry.active() is not None:
+        return
+    spec = SyntheticSpec(seed=config.train.seed)
+    print(f"no active model: training one on {spec.ratings:,} synthetic ratings (--bootstrap)")
+    params = ALSParams(rank=config.train.rank, iterations=config.train.iterations)
+    result = train_als(Ratings.from_table(synthesize(spec)), params)
+    with registry.building(
+        engine="velox", watermark=0, parameters={"bootstrap": True}, mode="single"
+    ) as version:
+        registry.write_artifacts(version.number, ModelArtifacts.from_als(result))
+        registry.mark_ready(version.number, metrics={"train_rmse": result.train_rmse})
+    registry.activate(version.number)
+
+
+def _serve(args: argparse.Namespace, config: VeloxConfig) -> None:
+    from serving.app import create_app
+
+    flags = [f"serve.{k}={v}" for k, v in (("host", args.host), ("port", args.port)) if v]
+    if flags:
+        config = load_config(args.config, overrides=[*args.overrides, *flags])
+    if args.bootstrap:
+        bootstrap(config)
+    web.run_app(
+        create_app(config),
+        host=config.serve.host,
+        port=config.serve.port,
+        print=lambda text: print(text, flush=True),
+        shutdown_timeout=30,
+    )

@@ -1,0 +1,125 @@
+"""Request bodies: decoded and type-checked by msgspec, then checked against the limits.
+
+msgspec decodes straight into typed structs (several times faster than
+``json`` plus hand checks) and says where a type is wrong (``at $.items[3]``).
+The limits and value rules the types cannot express follow in
+:func:`check_ids`, :func:`check_observations` and friends. Every failure is a
+:class:`RequestError` with the HTTP status and error code to answer with;
+nothing is applied before the whole body has passed.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import msgspec
+
+from velox.config import ServeConfig
+
+Id = str | int
+
+
+class RequestError(Exception):
+    """A client error: the status, a stable code and one sentence."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
+
+
+class PredictBody(msgspec.Struct, forbid_unknown_fields=True):
+    user: Id
+    items: list[Id]
+
+
+class TopKBody(msgspec.Struct, forbid_unknown_fields=True):
+    user: Id
+    k: int
+    candidates: list[Id] | None = None
+    explore: Literal["none", "ucb", "thompson"] = "none"
+    alpha: float = 1.0
+    include_rated: bool = False
+
+
+class ObservationBody(msgspec.Struct, forbid_unknown_fields=True):
+    user: Id
+    item: Id
+    rating: float
+    ts: float | None = None
+
+
+def decode(body: bytes, kind: type) -> object:
+    """Decode JSON into ``kind``; a 400 that says what and where when it does not fit."""
+    if not body:
+        raise RequestError(400, "invalid_json", "the request body is empty; send a JSON object")
+    try:
+        return msgspec.json.decode(body, type=kind)
+    except msgspec.ValidationError as exc:
+        raise RequestError(422, "validation_error", str(exc)) from None
+    except msgspec.DecodeError as exc:
+        raise RequestError(400, "invalid_json", f"the body is not valid JSON ({exc})") from None
+
+
+def check_ids(
+    values: list[Id], what: str, limits: ServeConfig, *, empty: bool = False
+) -> list[str]:
+    """Ids as strings, within the list and length limits."""
+    if not values and not empty:
+        raise RequestError(422, "validation_error", f"{what} must not be empty")
+    if len(values) > limits.max_list:
+        raise RequestError(
+            422, "validation_error", f"{what} has {len(values)} entries; at most {limits.max_list}"
+        )
+    return [check_id(value, what, limits) for value in values]
+
+
+def check_id(value: Id, what: str, limits: ServeConfig) -> str:
+    text = str(value)
+    if not text or len(text) > limits.max_id_length:
+        raise RequestError(
+            422,
+            "validation_error",
+            f"{what} ids must have 1 to {limits.max_id_length} characters, got {len(text)}",
+        )
+    return text
+
+
+def check_topk(body: TopKBody, limits: ServeConfig) -> None:
+    if not 1 <= body.k <= limits.max_k:
+        raise RequestError(422, "validation_error", f"k must be 1 to {limits.max_k}, got {body.k}")
+    if not math.isfinite(body.alpha) or body.alpha < 0:
+        raise RequestError(
+            422, "validation_error", f"alpha must be finite and >= 0, got {body.alpha}"
+        )
+
+
+def check_observations(
+    observations: list[ObservationBody], limits: ServeConfig
+) -> tuple[list[str], list[str], list[float], list[float | None]]:
+    """Columns of a valid observe body; the first bad observation is named by its index."""
+    if not observations:
+        raise RequestError(422, "validation_error", "observe needs at least one observation")
+    if len(observations) > limits.max_list:
+        raise RequestError(
+            422,
+            "validation_error",
+            f"{len(observations)} observations in one request; at most {limits.max_list}",
+        )
+    low, high = limits.rating_min, limits.rating_max
+    for n, o in enumerate(observations):
+        if not (math.isfinite(o.rating) and low <= o.rating <= high):
+            raise RequestError(
+                422,
+                "validation_error",
+                f"observation {n}: rating must be a finite number in [{low:g}, {high:g}], "
+                f"got {o.rating}",
+            )
+        if o.ts is not None and not math.isfinite(o.ts):
+            raise RequestError(422, "validation_error", f"observation {n}: ts must be finite")
+    return (
+        [check_id(o.user, "user", limits) for o in observations],
+        [check_id(o.item, "item", limits) for o in observations],
+        [o.rating for o in observations],
+        [o.ts for o in observations],
+    )
