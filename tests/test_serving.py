@@ -1,0 +1,276 @@
+"""The HTTP API against a real aiohttp server on 127.0.0.1: maths, validation, auth, metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import numpy as np
+import pytest
+
+from feature_store.layout import DataLayout
+from feature_store.online import OnlineStore
+from feature_store.registry import ModelArtifacts, ModelRegistry
+from feature_store.versions import model_of
+from serving.app import STATE, create_app
+from velox.als import ALSParams, Ratings, train_als
+from velox.backend import CPU
+from velox.config import load_config
+from velox.datasets import SyntheticSpec, synthesize
+
+
+def _publish(root, seeds=(0,), watermark=0):
+    """Versions trained on a small synthetic set, the first active."""
+    table = synthesize(SyntheticSpec(users=50, items=30, ratings=2000, seed=2))
+    registry = ModelRegistry(DataLayout(root).registry)
+    for seed in seeds:
+        result = train_als(Ratings.from_table(table), ALSParams(rank=3, iterations=3, seed=seed))
+        with registry.building(engine="velox", watermark=watermark) as version:
+            registry.write_artifacts(version.number, ModelArtifacts.from_als(result))
+    registry.activate(1)
+    return registry
+
+
+def _config(root, *settings):
+    return load_config(
+        None,
+        overrides=[
+            f"data.dir={root}",
+            "store.checkpoint_interval=0",
+            "serve.deadline_ms=0",
+            *settings,
+        ],
+    )
+
+
+def _reference(registry, number, config):
+    artifacts = registry.load(number)
+    model = model_of(artifacts, registry.get(number).name, config, CPU)
+    model.users.load(
+        [str(u) for u in artifacts.user_ids],
+        artifacts.user_gram,
+        artifacts.user_rhs,
+        artifacts.user_count,
+    )
+    return model
+
+
+@pytest.fixture
+async def server(tmp_path, aiohttp_client):
+    registry = _publish(tmp_path, seeds=(0, 1))
+    config = _config(tmp_path)
+    client = await aiohttp_client(create_app(config))
+    client.registry, client.config = registry, config
+    return client
+
+
+async def _post(client, path, body, **headers):
+    response = await client.post(path, data=json.dumps(body), headers=headers)
+    return response.status, await response.json()
+
+
+async def test_predictions_equal_the_model_maths(server):
+    reference = _reference(server.registry, 1, server.config)
+    items = ["i1", "i2", "i29", "never-rated"]
+    for user in ("u3", "stranger"):
+        status, body = await _post(server, "/predict", {"user": user, "items": items})
+        assert status == 200 and body["version"] == "v1" and not body["degraded"]
+        want = reference.predict(user, items)
+        np.testing.assert_allclose([i["score"] for i in body["items"]], want.scores, rtol=1e-12)
+        assert [i["cold"] for i in body["items"]] == [False, False, False, True]
+
+
+async def test_an_observe_changes_the_next_prediction_as_the_kernels_say(server):
+    reference = _reference(server.registry, 1, server.config)
+    status, body = await _post(
+        server,
+        "/observe",
+        [
+            {"user": "u3", "item": "i1", "rating": 5.0, "ts": 100.0},
+            {"user": "u3", "item": "brand-new", "rating": 1.0, "ts": 101.0},
+        ],
+    )
+    assert status == 200 and body["accepted"] == 2 and body["seqs"] == [1, 2]
+    applied = reference.observe_many(["u3", "u3"], ["i1", "brand-new"], [5.0, 1.0], [100.0, 101.0])
+    np.testing.assert_allclose(body["predictions"], applied.predictions, rtol=1e-12)
+    assert body["cold"] == [False, True]
+    _, after = await _post(server, "/predict", {"user": "u3", "items": ["i1", "i2", "brand-new"]})
+    want = reference.predict("u3", ["i1", "i2", "brand-new"]).scores
+    np.testing.assert_allclose([i["score"] for i in after["items"]], want, rtol=1e-10)
+    user = await (await server.get("/users/u3")).json()
+    assert user["known"] and user["observations"] == reference.user_state("u3").observations
+
+
+async def test_topk_is_sorted_respects_candidates_and_exclusion_and_explores_on_request(server):
+    await _post(server, "/observe", {"user": "u4", "item": "i7", "rating": 5.0})
+    _, top = await _post(server, "/topk", {"user": "u4", "k": 5})
+    scores = [i["score"] for i in top["items"]]
+    assert scores == sorted(scores, reverse=True) and len(scores) == 5
+    assert "i7" not in [i["item"] for i in top["items"]]  # rated, so excluded
+    _, full = await _post(server, "/topk", {"user": "u4", "k": 30, "include_rated": True})
+    assert "i7" in [i["item"] for i in full["items"]]
+    _, some = await _post(server, "/topk", {"user": "u4", "k": 2, "candidates": ["i1", "i2", "i3"]})
+    assert {i["item"] for i in some["items"]} <= {"i1", "i2", "i3"} and len(some["items"]) == 2
+    _, plain = await _post(
+        server, "/predict", {"user": "u4", "items": [i["item"] for i in top["items"]]}
+    )
+    assert [i["score"] for i in plain["items"]] == scores  # no exploration unless asked
+    _, ucb = await _post(server, "/topk", {"user": "u4", "k": 5, "explore": "ucb", "alpha": 2.0})
+    assert all(
+        e["score"] > p["score"] for e, p in zip(ucb["items"][:1], top["items"][:1], strict=True)
+    )
+
+
+BAD = [
+    ("/predict", b"", 400, "invalid_json"),
+    ("/predict", b"{", 400, "invalid_json"),
+    ("/predict", b'{"user": "u", "items": []}', 422, "validation_error"),
+    ("/predict", b'{"user": true, "items": ["i"]}', 422, "validation_error"),
+    ("/predict", b'{"user": "u", "items": ["i"], "extra": 1}', 422, "validation_error"),
+    ("/predict", b'{"user": "' + b"x" * 300 + b'", "items": ["i"]}', 422, "validation_error"),
+    ("/topk", b'{"user": "u", "k": 0}', 422, "validation_error"),
+    ("/topk", b'{"user": "u", "k": 100000}', 422, "validation_error"),
+    ("/topk", b'{"user": "u", "k": 3, "explore": "greedy"}', 422, "validation_error"),
+    ("/topk", b'{"user": "u", "k": 3, "alpha": -1}', 422, "validation_error"),
+    ("/observe", b'{"user": "u", "item": "i", "rating": 9}', 422, "validation_error"),
+    ("/observe", b'{"user": "u", "item": "i", "rating": 1e999}', 422, "validation_error"),
+    ("/observe", b'{"user": "u", "item": "i"}', 422, "validation_error"),
+    ("/observe", b"[]", 422, "validation_error"),
+    (
+        "/observe",
+        b'[{"user": "u", "item": "i", "rating": 3}, {"user": "", "item": "i", "rating": 3}]',
+        422,
+        "validation_error",
+    ),
+    ("/observe", b'[{"user": "u", "item": "i", "rating": 3}, 5]', 422, "validation_error"),
+    ("/observe", b"x" * 2_000_000, 413, "payload_too_large"),
+]
+
+
+@pytest.mark.parametrize(("path", "body", "status", "code"), BAD)
+async def test_bad_input_is_a_4xx_with_a_json_error_and_changes_nothing(
+    server, path, body, status, code
+):
+    before = await (await server.get("/users/u")).json()
+    response = await server.post(path, data=body)
+    assert response.status == status
+    error = await response.json()
+    assert error["error"] == code and error["message"]
+    assert await (await server.get("/users/u")).json() == before
+    assert server.app[STATE].durable.store.last_seq == 0  # nothing reached the log
+
+
+async def test_metrics_openapi_and_health(server):
+    await _post(server, "/observe", {"user": "u1", "item": "i1", "rating": 4.0})
+    text = await (await server.get("/metrics")).text()
+    for name in (
+        "velox_requests_total{",
+        "velox_request_seconds_bucket{",
+        "velox_batch_observations_count",
+        'velox_active_model{version="v1"} 1',
+        "velox_prequential_rmse{",
+        "velox_user_cache_total{",
+    ):
+        assert name in text, name
+    document = await (await server.get("/openapi.json")).json()
+    assert {"/predict", "/topk", "/observe", "/users/{user}", "/models"} <= set(document["paths"])
+    assert (await server.get("/healthz")).status == 200
+    assert (await (await server.get("/readyz")).json())["version"] == "v1"
+
+
+async def test_concurrent_observes_of_one_user_equal_applying_them_one_by_one(server):
+    rng = np.random.default_rng(0)
+    items = [f"i{j}" for j in rng.integers(0, 30, 60)]
+    ratings = rng.integers(1, 6, 60).astype(float)
+    answers = await asyncio.gather(
+        *[
+            _post(
+                server, "/observe", {"user": "u9", "item": item, "rating": float(r), "ts": float(n)}
+            )
+            for n, (item, r) in enumerate(zip(items, ratings, strict=True))
+        ]
+    )
+    seqs = [body["seqs"][0] for _, body in answers]
+    assert sorted(seqs) == list(range(1, 61))
+    reference = _reference(server.registry, 1, server.config)
+    for n in np.argsort(seqs):  # one at a time, in the order the log holds them
+        reference.observe_many(["u9"], [items[n]], [ratings[n]], [float(n)])
+    got = await (await server.get("/users/u9")).json()
+    np.testing.assert_allclose(got["weights"], reference.user_state("u9").weights, rtol=1e-9)
+    assert got["observations"] == reference.user_state("u9").observations
+
+
+async def test_activation_switches_versions_live_and_keeps_every_observation(server):
+    await _post(server, "/observe", {"user": "u2", "item": "i3", "rating": 2.0, "ts": 5.0})
+    status, body = await _post(server, "/models/v2/activate", {})
+    assert status == 200 and body == {"active": "v2"}
+    models = await (await server.get("/models")).json()
+    assert models["active"] == "v2" and models["serving"] == "v2"
+    reference = _reference(server.registry, 2, server.config)
+    reference.observe_many(["u2"], ["i3"], [2.0], [5.0])  # the log after v2's watermark, again
+    _, after = await _post(server, "/predict", {"user": "u2", "items": ["i1", "i3"]})
+    assert after["version"] == "v2"
+    np.testing.assert_allclose(
+        [i["score"] for i in after["items"]],
+        reference.predict("u2", ["i1", "i3"]).scores,
+        rtol=1e-10,
+    )
+    assert (await _post(server, "/models/v9/activate", {}))[0] == 404
+    assert (await _post(server, "/models/latest/activate", {}))[0] == 404
+
+
+async def test_deleting_a_user_forgets_state_log_and_rated_items(server):
+    await _post(server, "/observe", {"user": "gone", "item": "i3", "rating": 2.0})
+    response = await server.delete("/users/gone")
+    assert response.status == 200 and (await response.json())["log_records"] == 1
+    assert (await (await server.get("/users/gone")).json())["known"] is False
+    _, top = await _post(server, "/topk", {"user": "gone", "k": 30})
+    assert "i3" in [i["item"] for i in top["items"]]  # no longer excluded: nothing is rated
+
+
+async def test_a_request_that_would_miss_its_deadline_gets_the_prior_flagged(
+    tmp_path, aiohttp_client
+):
+    _publish(tmp_path)
+    client = await aiohttp_client(create_app(_config(tmp_path, "serve.deadline_ms=0.000001")))
+    status, body = await _post(client, "/predict", {"user": "u3", "items": ["i1", "i2"]})
+    assert status == 200 and body["degraded"] is True
+    _, top = await _post(client, "/topk", {"user": "u3", "k": 3})
+    assert top["degraded"] is True and len(top["items"]) == 3
+    text = await (await client.get("/metrics")).text()
+    assert 'velox_degraded_total{route="/predict"} 1' in text
+
+
+@pytest.mark.parametrize(
+    ("path", "token", "status"),
+    [
+        ("/predict", None, 401),
+        ("/predict", "wrong", 401),
+        ("/predict", "r-token", 200),
+        ("/observe", "r-token", 403),
+        ("/observe", "w-token", 200),
+        ("/models/v1/activate", "w-token", 403),
+        ("/models/v1/activate", "a-token", 200),
+    ],
+)
+async def test_bearer_tokens_guard_each_scope(tmp_path, aiohttp_client, path, token, status):
+    _publish(tmp_path)
+    config = _config(
+        tmp_path,
+        "serve.read_token=r-token",
+        "serve.write_token=w-token",
+        "serve.admin_token=a-token",
+    )
+    client = await aiohttp_client(create_app(config))
+    body = {
+        "/predict": {"user": "u1", "items": ["i1"]},
+        "/observe": {"user": "u1", "item": "i1", "rating": 3.0},
+        "/models/v1/activate": {},
+    }[path]
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    got, answer = await _post(client, path, body, **headers)
+    assert got == status, answer
+    if status >= 400:
+        assert answer["error"] in ("unauthorized", "forbidden")
+        with OnlineStore(DataLayout(tmp_path).online, read_only=True) as store:
+            assert store.last_seq == 0  # nothing was applied
