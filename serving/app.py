@@ -70,6 +70,7 @@ class Serving:
 CONFIG = web.AppKey("config", VeloxConfig)
 STATE = web.AppKey("state", Serving)
 METRICS = web.AppKey("metrics", Metrics)
+STARTED = web.RequestKey("started", float)
 
 READ, WRITE, ADMIN = "read", "write", "admin"
 _SCOPES = {  # (method, route) -> scope; routes not listed are open
@@ -215,7 +216,7 @@ def _within_deadline(request, state: Serving, compute, fallback):
     limit = state.limits.deadline_ms / 1000
     if limit <= 0:
         return _as_tuple(compute(None)), False
-    left = limit - (time.monotonic() - request["started"]) - state.compute_seconds
+    left = limit - (time.monotonic() - request[STARTED]) - state.compute_seconds
     if left > 0:
         began = time.perf_counter()
         try:
@@ -439,7 +440,7 @@ async def _batcher_ctx(app: web.Application):
 
 @web.middleware
 async def _clock(request: web.Request, handler) -> web.StreamResponse:
-    request["started"] = time.monotonic()
+    request[STARTED] = time.monotonic()
     return await handler(request)
 
 
