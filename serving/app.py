@@ -20,6 +20,7 @@ import logging
 import time
 from dataclasses import dataclass
 
+import msgspec
 import numpy as np
 from aiohttp import web
 
@@ -84,61 +85,65 @@ _SCOPES = {  # (method, route) -> scope; routes not listed are open
 }
 
 
+def _json(payload: object, status: int = 200) -> web.Response:
+    """A JSON response encoded by msgspec (several times faster than ``json.dumps``)."""
+    return web.Response(
+        body=msgspec.json.encode(payload), status=status, content_type="application/json"
+    )
+
+
 def _error(status: int, code: str, message: str) -> web.Response:
-    return web.json_response({"error": code, "message": message}, status=status)
+    return _json({"error": code, "message": message}, status=status)
 
 
 # ------------------------------------------------------------------ middlewares
 
 
 @web.middleware
-async def errors_middleware(request: web.Request, handler) -> web.StreamResponse:
-    """Every failure as ``{"error", "message"}``; a server fault is logged, never leaked."""
+async def middleware(request: web.Request, handler) -> web.StreamResponse:
+    """One layer for every request: clock, bearer tokens, errors as JSON, metrics.
+
+    (One middleware rather than four: each layer costs a coroutine per request.)
+    """
+    request[STARTED] = started = time.monotonic()
+    resource = request.match_info.route.resource
+    route = resource.canonical if resource is not None else "unmatched"
     try:
-        return await handler(request)
-    except RequestError as exc:
-        return _error(exc.status, exc.code, exc.message)
-    except InputError as exc:
-        return _error(422, "validation_error", str(exc))
-    except web.HTTPRequestEntityTooLarge:
-        limit = request.app[CONFIG].serve.max_body_bytes
-        return _error(413, "payload_too_large", f"the body is larger than {limit} bytes")
+        scope = _SCOPES.get((request.method, route))
+        if scope is not None:
+            _authorize(request, scope, request.app[CONFIG].serve)
+        response = await handler(request)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status, "bad_request")
-        return _error(exc.status, code, exc.reason)
-    except Closed as exc:
-        return _error(503, "unavailable", str(exc))
-    except VeloxError as exc:
-        log.error("request failed: %s", exc)
-        return _error(503, "unavailable", str(exc))
-    except Exception:
-        log.exception("unexpected error in %s %s", request.method, request.path)
-        return _error(500, "internal", "an unexpected error occurred; see the server log")
-
-
-@web.middleware
-async def metrics_middleware(request: web.Request, handler) -> web.StreamResponse:
-    started = time.perf_counter()
-    response = await handler(request)
-    route = request.match_info.route.resource
-    name = route.canonical if route is not None else "unmatched"
-    labels = {"route": name, "status": str(response.status)}
+        response = _http_error(request, exc)
+    except Exception as exc:
+        response = _error_response(request, exc)
     metrics = request.app[METRICS]
-    metrics.requests.inc(**labels)
-    metrics.latency.observe(time.perf_counter() - started, **labels)
+    metrics.requests.inc(route=route, status=str(response.status))
+    metrics.latency.observe(time.monotonic() - started, route=route, status=str(response.status))
     return response
 
 
-@web.middleware
-async def auth_middleware(request: web.Request, handler) -> web.StreamResponse:
-    """Bearer tokens per scope; admin covers write, write covers read. Constant-time compares."""
-    route = request.match_info.route.resource
-    scope = _SCOPES.get((request.method, route.canonical if route is not None else ""))
-    if scope is not None:
-        _authorize(request, scope, request.app[CONFIG].serve)
-    return await handler(request)
+def _http_error(request: web.Request, exc: web.HTTPException) -> web.Response:
+    if isinstance(exc, web.HTTPRequestEntityTooLarge):
+        limit = request.app[CONFIG].serve.max_body_bytes
+        return _error(413, "payload_too_large", f"the body is larger than {limit} bytes")
+    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status, "bad_request")
+    return _error(exc.status, code, exc.reason)
+
+
+def _error_response(request: web.Request, exc: Exception) -> web.Response:
+    """Every failure as ``{"error", "message"}``; a server fault is logged, never leaked."""
+    if isinstance(exc, RequestError):
+        return _error(exc.status, exc.code, exc.message)
+    if isinstance(exc, InputError):
+        return _error(422, "validation_error", str(exc))
+    if isinstance(exc, Closed | VeloxError):
+        log.error("request failed: %s", exc)
+        return _error(503, "unavailable", str(exc))
+    log.exception("unexpected error in %s %s", request.method, request.path, exc_info=exc)
+    return _error(500, "internal", "an unexpected error occurred; see the server log")
 
 
 def _authorize(request: web.Request, scope: str, limits: ServeConfig) -> None:
@@ -245,7 +250,7 @@ def _prior_scores(durable: DurableModel, items: list[str]):
 
 def _scores_response(state: Serving, user: str, result, degraded: bool) -> web.Response:
     items, scores, cold = result
-    return web.json_response(
+    return _json(
         {
             "user": user,
             "version": state.durable.model.version,
@@ -268,7 +273,7 @@ async def observe(request: web.Request) -> web.Response:
     now = time.time()
     ts = [now if t is None else t for t in ts]
     (applied, seqs), part = await state.batcher.submit(users, items, ratings, ts)
-    return web.json_response(
+    return _json(
         {
             "accepted": len(users),
             "seqs": seqs[part].tolist(),
@@ -282,7 +287,7 @@ async def get_user(request: web.Request) -> web.Response:
     state = request.app[STATE]
     user = check_id(request.match_info["user"], "user", state.limits)
     info = state.durable.user_state(user)
-    return web.json_response(
+    return _json(
         {
             "user": info.user,
             "known": info.known,
@@ -303,16 +308,14 @@ async def delete_user(request: web.Request) -> web.Response:
     stored = 0
     if layout.offline.is_dir():
         stored = await loop.run_in_executor(None, OfflineStore(layout.offline).delete_user, user)
-    return web.json_response(
-        {"user": user, "deleted": True, "log_records": logged, "offline_rows": stored}
-    )
+    return _json({"user": user, "deleted": True, "log_records": logged, "offline_rows": stored})
 
 
 async def models(request: web.Request) -> web.Response:
     registry = request.app[STATE].registry
     versions = registry.versions()
     active = next((v.name for v in versions if v.state == "active"), None)
-    return web.json_response(
+    return _json(
         {
             "active": active,
             "serving": request.app[STATE].durable.model.version,
@@ -350,7 +353,7 @@ async def activate(request: web.Request) -> web.Response:
         if version.name != state.durable.model.version:
             await asyncio.get_running_loop().run_in_executor(None, _swap, state, version)
         state.registry.activate(version.number)
-    return web.json_response({"active": version.name})
+    return _json({"active": version.name})
 
 
 def _swap(state: Serving, version) -> None:
@@ -369,14 +372,14 @@ def _swap(state: Serving, version) -> None:
 
 
 async def healthz(request: web.Request) -> web.Response:
-    return web.json_response({"status": "ok"})
+    return _json({"status": "ok"})
 
 
 async def readyz(request: web.Request) -> web.Response:
     state = request.app.get(STATE)
     if state is None or state.batcher is None:
         return _error(503, "unavailable", "the model is not loaded yet")
-    return web.json_response({"status": "ready", "version": state.durable.model.version})
+    return _json({"status": "ready", "version": state.durable.model.version})
 
 
 async def metrics(request: web.Request) -> web.Response:
@@ -389,7 +392,7 @@ async def metrics(request: web.Request) -> web.Response:
 
 
 async def openapi(request: web.Request) -> web.Response:
-    return web.json_response(openapi_document())
+    return _json(openapi_document())
 
 
 # ------------------------------------------------------------------- lifecycle
@@ -438,16 +441,10 @@ async def _batcher_ctx(app: web.Application):
     await state.batcher.close()
 
 
-@web.middleware
-async def _clock(request: web.Request, handler) -> web.StreamResponse:
-    request[STARTED] = time.monotonic()
-    return await handler(request)
-
-
 def create_app(config: VeloxConfig) -> web.Application:
     """The serving application for ``config`` (the model loads when the app starts)."""
     app = web.Application(
-        middlewares=[_clock, metrics_middleware, errors_middleware, auth_middleware],
+        middlewares=[middleware],
         client_max_size=config.serve.max_body_bytes,
     )
     app[CONFIG] = config

@@ -65,5 +65,6 @@ def _serve(args: argparse.Namespace, config: VeloxConfig) -> None:
         host=config.serve.host,
         port=config.serve.port,
         print=lambda text: print(text, flush=True),
+        access_log=log if args.verbose else None,
         shutdown_timeout=30,
     )

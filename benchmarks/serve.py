@@ -1,0 +1,215 @@
+"""HTTP throughput and latency of ``velox serve`` against an aiohttp hello-world, with wrk.
+
+Both servers run as processes on 127.0.0.1 in the same run; wrk (Debian
+package ``wrk``) drives each scenario for ``--seconds`` with 2 threads:
+
+* **hello**: a one-route aiohttp app answering every POST with a small JSON
+  object: the baseline of what aiohttp itself costs here;
+* **predict 1**: ``/predict`` of one item; **predict 100**: 100 candidate items;
+* **topk all**: ``/topk`` k = 10 over every item;
+* **observe**: durable ``/observe`` of one observation per request (random
+  users and items), i.e. micro-batched, applied and fsynced before the answer.
+
+Then the p99 latency of ``predict 1`` at half its peak rate, from an
+open-loop client that sends at a fixed rate (wrk has no rate limit).
+
+Usage: ``python -m benchmarks.serve [--seconds 10] [--connections 64] [--check]``.
+``--check`` exits 1 when a target of issue 5 is missed (predict 1 >= 0.6x
+hello; observe at 64 connections >= 0.4x hello; p99 of predict < 5 ms at
+half its peak rate).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import aiohttp
+import numpy as np
+
+from feature_store.layout import DataLayout
+from feature_store.registry import ModelArtifacts, ModelRegistry
+from velox.als import ALSParams, Ratings, train_als
+from velox.datasets import SyntheticSpec, synthesize
+
+ROOT = Path(__file__).resolve().parent.parent
+USERS, ITEMS = 2_000, 1_000
+
+_HELLO = """
+import sys
+from aiohttp import web
+async def hello(request):
+    await request.read()
+    return web.json_response({"hello": "world"})
+app = web.Application()
+app.router.add_post("/{tail:.*}", hello)
+web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), print=None, access_log=None)
+"""
+
+_HUNDRED = '{"user": "u1", "items": [' + ", ".join(f'"i{j}"' for j in range(100)) + "]}"
+_LUA = {
+    "hello": 'wrk.method = "POST"; wrk.body = \'{"user": "u1", "items": ["i1"]}\'',
+    "predict 1": 'wrk.method = "POST"; wrk.body = \'{"user": "u1", "items": ["i1"]}\'',
+    "predict 100": f"wrk.method = \"POST\"; wrk.body = '{_HUNDRED}'",
+    "topk all": 'wrk.method = "POST"; wrk.body = \'{"user": "u1", "k": 10}\'',
+    "observe": """wrk.method = "POST"
+request = function()
+  local body = string.format('{"user": "u%d", "item": "i%d", "rating": %d}',
+    math.random(0, 1999), math.random(0, 999), math.random(1, 5))
+  return wrk.format(nil, "/observe", nil, body)
+end""",
+}
+_PATHS = {"hello": "/", "predict 1": "/predict", "predict 100": "/predict", "topk all": "/topk"}
+
+
+def _publish(root: Path) -> None:
+    spec = SyntheticSpec(users=USERS, items=ITEMS, ratings=100_000, seed=0)
+    result = train_als(Ratings.from_table(synthesize(spec)), ALSParams(rank=32, iterations=5))
+    registry = ModelRegistry(DataLayout(root).registry)
+    with registry.building(engine="velox", watermark=0) as version:
+        registry.write_artifacts(version.number, ModelArtifacts.from_als(result))
+    registry.activate(version.number)
+
+
+def _wait_for(port: int, process: subprocess.Popen) -> None:
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"a server exited: {process.stdout.read()}")
+        try:
+            import socket
+
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError("a server did not start")
+
+
+def _wrk(port: int, scenario: str, seconds: int, connections: int, scratch: Path) -> dict:
+    script = scratch / f"{scenario.replace(' ', '_')}.lua"
+    script.write_text(_LUA[scenario])
+    url = f"http://127.0.0.1:{port}{_PATHS.get(scenario, '/observe')}"
+    done = subprocess.run(
+        ["wrk", "-t2", f"-c{connections}", f"-d{seconds}s", "--latency", "-s", str(script), url],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    rate = float(re.search(r"Requests/sec:\s+([\d.]+)", done.stdout).group(1))
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", done.stdout)
+    if errors:
+        raise RuntimeError(f"{scenario}: {errors.group(1)} error responses\n{done.stdout}")
+    percentiles = dict(re.findall(r"^\s+(50|99)%\s+([\d.]+\w+)", done.stdout, re.M))
+    return {"rate": rate, "p50": _ms(percentiles["50"]), "p99": _ms(percentiles["99"])}
+
+
+def _ms(text: str) -> float:
+    value, unit = re.match(r"([\d.]+)(\w+)", text).groups()
+    return float(value) * {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 6e4}[unit]
+
+
+async def _paced_p99(port: int, rate: float, seconds: float) -> float:
+    """p99 latency (ms) of predict-1 requests sent open-loop at ``rate`` per second."""
+    body = b'{"user": "u1", "items": ["i1"]}'
+    latencies: list[float] = []
+
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=256)) as session:
+
+        async def one() -> None:
+            started = time.perf_counter()
+            async with session.post(f"http://127.0.0.1:{port}/predict", data=body) as response:
+                await response.read()
+            latencies.append(time.perf_counter() - started)
+
+        tasks, begin = [], time.perf_counter()
+        for n in range(int(rate * seconds)):
+            delay = begin + n / rate - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.create_task(one()))
+        await asyncio.gather(*tasks)
+    return float(np.percentile(latencies, 99) * 1000)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=int, default=10)
+    parser.add_argument("--connections", type=int, default=64)
+    parser.add_argument("--check", action="store_true")
+    args = parser.parse_args(argv)
+    if shutil.which("wrk") is None:
+        print("wrk is not installed: apt-get install wrk")
+        return 2
+    results: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory(prefix="velox-serve-bench-", dir=".") as scratch:
+        root = Path(scratch)
+        _publish(root / "data")
+        hello_port, velox_port = 18181, 18182
+        hello = subprocess.Popen(
+            [sys.executable, "-c", _HELLO, str(hello_port)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        velox = subprocess.Popen(
+            [
+                str(Path(sys.executable).parent / "velox"),
+                "--set",
+                f"data.dir={root / 'data'}",
+                "--set",
+                f"serve.port={velox_port}",
+                "serve",
+            ],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        try:
+            _wait_for(hello_port, hello)
+            _wait_for(velox_port, velox)
+            results["hello"] = _wrk(hello_port, "hello", args.seconds, args.connections, root)
+            for scenario in ("predict 1", "predict 100", "topk all", "observe"):
+                results[scenario] = _wrk(velox_port, scenario, args.seconds, args.connections, root)
+            half = results["predict 1"]["rate"] / 2
+            p99 = asyncio.run(_paced_p99(velox_port, half, args.seconds))
+        finally:
+            for process in (hello, velox):
+                process.send_signal(signal.SIGTERM)
+                process.wait(timeout=60)
+    base = results["hello"]["rate"]
+    print(
+        f"wrk -t2 -c{args.connections} -d{args.seconds}s on 127.0.0.1; {USERS} users, "
+        f"{ITEMS} items, rank 32"
+    )
+    print("| scenario | requests/s | x hello-world | p50 ms | p99 ms |")
+    print("|---|---|---|---|---|")
+    for name, r in results.items():
+        print(
+            f"| {name} | {r['rate']:,.0f} | {r['rate'] / base:.2f} | {r['p50']:.2f} | "
+            f"{r['p99']:.2f} |"
+        )
+    print(f"\npredict 1 at half its peak ({half:,.0f}/s, open loop): p99 {p99:.2f} ms")
+    failures = []
+    if results["predict 1"]["rate"] / base < 0.6:
+        failures.append("predict 1 under 0.6x hello-world")
+    if results["observe"]["rate"] / base < 0.4:
+        failures.append("observe under 0.4x hello-world")
+    if p99 >= 5.0:
+        failures.append("predict p99 at half peak is 5 ms or more")
+    for failure in failures:
+        print(failure)
+    return 1 if args.check and failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
