@@ -274,3 +274,23 @@ async def test_bearer_tokens_guard_each_scope(tmp_path, aiohttp_client, path, to
         assert answer["error"] in ("unauthorized", "forbidden")
         with OnlineStore(DataLayout(tmp_path).online, read_only=True) as store:
             assert store.last_seq == 0  # nothing was applied
+
+
+async def test_the_python_client_against_the_real_server(server):
+    from velox.client import AsyncClient, Observation, VeloxAPIError
+
+    base = str(server.make_url("")).rstrip("/")
+    async with AsyncClient(base) as client:
+        scores = await client.predict("u3", ["i1", 2])
+        assert scores.version == "v1" and [s.item for s in scores.items] == ["i1", "2"]
+        observed = await client.observe(
+            [Observation("u3", "i1", 4.0), Observation("u3", "i2", 2.0)]
+        )
+        assert observed.accepted == 2 and observed.seqs == [1, 2]
+        assert (await client.user("u3")).observations > 0
+        top = await client.topk("u3", 3, explore="thompson", alpha=0.5)
+        assert len(top.items) == 3
+        assert (await client.models()).active == "v1"
+        with pytest.raises(VeloxAPIError, match="k must be 1 to 1000") as caught:
+            await client.topk("u3", 0)
+        assert caught.value.status == 422 and caught.value.code == "validation_error"
