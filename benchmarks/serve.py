@@ -10,8 +10,9 @@ package ``wrk``) drives each scenario for ``--seconds`` with 2 threads:
 * **observe**: durable ``/observe`` of one observation per request (random
   users and items), i.e. micro-batched, applied and fsynced before the answer.
 
-Then the p99 latency of ``predict 1`` at half its peak rate, from an
-open-loop client that sends at a fixed rate (wrk has no rate limit).
+Then the p99 latency of ``predict 1`` near half its peak rate: wrk has no
+rate limit, so the rate is set by the number of connections (the smallest
+count whose rate reaches half the peak, or the closest).
 
 Usage: ``python -m benchmarks.serve [--seconds 10] [--connections 64] [--check]``.
 ``--check`` exits 1 when a target of issue 5 is missed (predict 1 >= 0.6x
@@ -22,7 +23,6 @@ half its peak rate).
 from __future__ import annotations
 
 import argparse
-import asyncio
 import re
 import shutil
 import signal
@@ -31,9 +31,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-
-import aiohttp
-import numpy as np
 
 from feature_store.layout import DataLayout
 from feature_store.registry import ModelArtifacts, ModelRegistry
@@ -99,7 +96,16 @@ def _wrk(port: int, scenario: str, seconds: int, connections: int, scratch: Path
     script.write_text(_LUA[scenario])
     url = f"http://127.0.0.1:{port}{_PATHS.get(scenario, '/observe')}"
     done = subprocess.run(
-        ["wrk", "-t2", f"-c{connections}", f"-d{seconds}s", "--latency", "-s", str(script), url],
+        [
+            "wrk",
+            f"-t{min(2, connections)}",
+            f"-c{connections}",
+            f"-d{seconds}s",
+            "--latency",
+            "-s",
+            str(script),
+            url,
+        ],
         capture_output=True,
         text=True,
         check=True,
@@ -117,27 +123,21 @@ def _ms(text: str) -> float:
     return float(value) * {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 6e4}[unit]
 
 
-async def _paced_p99(port: int, rate: float, seconds: float) -> float:
-    """p99 latency (ms) of predict-1 requests sent open-loop at ``rate`` per second."""
-    body = b'{"user": "u1", "items": ["i1"]}'
-    latencies: list[float] = []
+def _p99_at_half_peak(port: int, peak: float, seconds: int, scratch: Path) -> dict:
+    """p99 of predict-1 with the wrk concurrency whose rate comes closest to half the peak.
 
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=256)) as session:
-
-        async def one() -> None:
-            started = time.perf_counter()
-            async with session.post(f"http://127.0.0.1:{port}/predict", data=body) as response:
-                await response.read()
-            latencies.append(time.perf_counter() - started)
-
-        tasks, begin = [], time.perf_counter()
-        for n in range(int(rate * seconds)):
-            delay = begin + n / rate - time.perf_counter()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            tasks.append(asyncio.create_task(one()))
-        await asyncio.gather(*tasks)
-    return float(np.percentile(latencies, 99) * 1000)
+    wrk is closed-loop (no rate limit), so the offered rate is set by the
+    number of connections: 1, 2, 4, ... until the rate passes half the peak.
+    """
+    best = None
+    for connections in (1, 2, 4, 8, 16, 32):
+        run = _wrk(port, "predict 1", seconds, connections, scratch)
+        run["connections"] = connections
+        if best is None or abs(run["rate"] - peak / 2) < abs(best["rate"] - peak / 2):
+            best = run
+        if run["rate"] >= peak / 2:
+            break
+    return best
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -180,8 +180,7 @@ def main(argv: list[str] | None = None) -> int:
             results["hello"] = _wrk(hello_port, "hello", args.seconds, args.connections, root)
             for scenario in ("predict 1", "predict 100", "topk all", "observe"):
                 results[scenario] = _wrk(velox_port, scenario, args.seconds, args.connections, root)
-            half = results["predict 1"]["rate"] / 2
-            p99 = asyncio.run(_paced_p99(velox_port, half, args.seconds))
+            half = _p99_at_half_peak(velox_port, results["predict 1"]["rate"], args.seconds, root)
         finally:
             for process in (hello, velox):
                 process.send_signal(signal.SIGTERM)
@@ -198,7 +197,11 @@ def main(argv: list[str] | None = None) -> int:
             f"| {name} | {r['rate']:,.0f} | {r['rate'] / base:.2f} | {r['p50']:.2f} | "
             f"{r['p99']:.2f} |"
         )
-    print(f"\npredict 1 at half its peak ({half:,.0f}/s, open loop): p99 {p99:.2f} ms")
+    p99 = half["p99"]
+    print(
+        f"\npredict 1 near half its peak: {half['rate']:,.0f}/s with {half['connections']} "
+        f"connection(s), p50 {half['p50']:.2f} ms, p99 {p99:.2f} ms"
+    )
     failures = []
     if results["predict 1"]["rate"] / base < 0.6:
         failures.append("predict 1 under 0.6x hello-world")

@@ -187,6 +187,21 @@ class DurableModel:
         """:meth:`OnlineModel.topk` through the cache; :class:`Busy` after ``timeout`` s."""
         return self._read(user, timeout, self.model.topk, k, **options)
 
+    def predict_many(
+        self,
+        users: Sequence[str],
+        item_lists: Sequence[Sequence[str]],
+        *,
+        timeout: float | None = None,
+    ) -> list[Prediction]:
+        """:meth:`OnlineModel.predict_many` through the cache; :class:`Busy` after ``timeout`` s."""
+        distinct = list(dict.fromkeys(users))
+        return self._locked(distinct, timeout, lambda: self.model.predict_many(users, item_lists))
+
+    def rated(self, user: str) -> set[str]:
+        """Items the user has rated (from the log's index), for top-K exclusion."""
+        return self.store.rated(user)
+
     def user_state(self, user: Any) -> UserState:
         """The user's state (the prior for a user never seen)."""
         return self._read(user, None, self.model.user_state)
@@ -199,21 +214,22 @@ class DurableModel:
         *args: Any,
         **options: Any,
     ) -> Any:
+        keys = normalize_ids([user], "user")
+        return self._locked(keys, timeout, lambda: method(user, *args, **options))
+
+    def _locked(self, users: list[str], timeout: float | None, compute: Callable[[], Any]) -> Any:
+        """``compute()`` with the model to itself and ``users`` paged in; Busy after ``timeout``."""
         if not self._lock.acquire(timeout=-1 if timeout is None else max(timeout, 0.0)):
             raise Busy("the model is busy applying a batch")
         try:
             if self._retired:
                 raise Replaced(self._retired)
-            self._page_in(normalize_ids([user], "user"))
-            result = method(user, *args, **options)
+            self._page_in(users)
+            result = compute()
         finally:
             self._lock.release()
         self._shrink()
         return result
-
-    def rated(self, user: str) -> set[str]:
-        """Items the user has rated (from the log's index), for top-K exclusion."""
-        return self.store.rated(user)
 
     def statistics(self, users: Sequence[str]) -> tuple[np.ndarray, ...]:
         """``(A, b, count, seq, updated)`` of users that have a state, in the order given."""

@@ -29,7 +29,7 @@ from feature_store.layout import DataLayout
 from feature_store.offline import OfflineStore
 from feature_store.registry import ModelRegistry
 from feature_store.versions import open_active, serve_version
-from serving.batcher import Closed, MicroBatcher
+from serving.batcher import Closed, MicroBatcher, ReadBatcher
 from serving.metrics import Metrics
 from serving.openapi import openapi_document
 from serving.schemas import (
@@ -43,6 +43,7 @@ from serving.schemas import (
     check_topk,
     decode,
 )
+from velox import kernels
 from velox.backend import get_backend
 from velox.config import ServeConfig, VeloxConfig
 from velox.errors import DataError, InputError, VeloxError
@@ -59,6 +60,7 @@ class Serving:
     registry: ModelRegistry
     metrics: Metrics
     batcher: MicroBatcher | None = None
+    reads: ReadBatcher | None = None
     swap_lock: asyncio.Lock | None = None
     compute_seconds: float = 0.0005
     """Running estimate of a read's compute time, for the deadline check."""
@@ -174,13 +176,28 @@ async def predict(request: web.Request) -> web.Response:
     body = decode(await request.read(), PredictBody)
     user = check_id(body.user, "user", state.limits)
     items = check_ids(body.items, "items", state.limits)
-    result, degraded = _within_deadline(
-        request,
-        state,
-        lambda timeout: state.durable.predict(user, items, timeout=timeout),
-        lambda: _prior_scores(state.durable, items),
-    )
+    prediction = await state.reads.submit(user, items, request[STARTED])
+    degraded = prediction is None
+    if degraded:
+        state.metrics.degraded.inc(route="/predict")
+        result = _prior_scores(state.durable, items)
+    else:
+        result = _as_tuple(prediction)
     return _scores_response(state, user, result, degraded)
+
+
+def _predict_batch(state: Serving, users: list, item_lists: list, oldest: float) -> list:
+    """One model call for the predict requests of a loop turn; None where the deadline is missed."""
+    limit = state.limits.deadline_ms / 1000
+    timeout = None
+    if limit > 0:
+        timeout = limit - (time.monotonic() - oldest) - state.compute_seconds
+        if timeout <= 0:
+            return [None] * len(users)
+    try:
+        return state.durable.predict_many(users, item_lists, timeout=timeout)
+    except Busy:
+        return [None] * len(users)
 
 
 async def topk(request: web.Request) -> web.Response:
@@ -404,11 +421,15 @@ async def _model_ctx(app: web.Application):
     durable, version = await asyncio.get_running_loop().run_in_executor(
         None, open_active, config, backend
     )
+    kernels.warm_up(config.model.dtype)
     metrics = app[METRICS]
     metrics.active.set(1, version=version.name)
     layout = DataLayout.from_config(config)
-    app[STATE] = Serving(
+    app[STATE] = state = Serving(
         config, durable, ModelRegistry(layout.registry), metrics, swap_lock=asyncio.Lock()
+    )
+    state.reads = ReadBatcher(
+        lambda users, lists, oldest: _predict_batch(state, users, lists, oldest)
     )
     log.info("serving model %s", version.name)
     yield

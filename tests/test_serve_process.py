@@ -146,7 +146,8 @@ def test_sigterm_answers_the_pending_batch_and_closes_cleanly(tmp_path):
                     return None, None
 
             tasks = [asyncio.create_task(one(n)) for n in range(200)]
-            await asyncio.sleep(0.05)
+            while not any(task.done() for task in tasks):  # the burst is under way
+                await asyncio.sleep(0.001)
             os.kill(server.pid, signal.SIGTERM)
             return await asyncio.gather(*tasks)
 

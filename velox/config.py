@@ -111,7 +111,7 @@ class StoreConfig:
         100_000, "User states held in memory; least recently used clean ones are evicted.", low=1
     )
     checkpoint_interval: float = setting(
-        1.0,
+        10.0,
         "Seconds between background write-backs of changed states (0: only on eviction and exit).",
         low=0.0,
     )

@@ -407,14 +407,49 @@ class OnlineModel:
         item_keys = normalize_ids(items, "item")
         if len(user_keys) != len(item_keys) or not user_keys:
             raise InputError("predict_pairs needs equally many users and items, at least one")
+        scores, _ = self._pair_scores(user_keys, np.arange(len(user_keys)), item_keys)
+        return scores
+
+    def predict_many(
+        self, users: Sequence[Any], item_lists: Sequence[Sequence[Any]]
+    ) -> list[Prediction]:
+        """:meth:`predict` for several users at once: one vectorised pass for all of them.
+
+        >>> from velox.features import MatrixFactorization
+        >>> mf = MatrixFactorization(["a", "b"], np.array([[1.0], [-1.0]]), version="v1")
+        >>> model = OnlineModel(mf, global_mean=3.0, item_bias=np.zeros(2))
+        >>> [p.scores.tolist() for p in model.predict_many(["u", "w"], [["a"], ["a", "b"]])]
+        [[3.0], [3.0, 3.0]]
+        """
+        user_keys = normalize_ids(users, "user")
+        lists = [normalize_ids(items, "item") for items in item_lists]
+        if len(lists) != len(user_keys) or not all(lists):
+            raise InputError("predict_many needs one non-empty item list per user")
+        owners = np.repeat(np.arange(len(user_keys)), [len(items) for items in lists])
+        keys = [key for items in lists for key in items]
+        scores, rows = self._pair_scores(user_keys, owners, keys)
+        bounds = np.cumsum([len(items) for items in lists])[:-1]
+        return [
+            Prediction(items, s, r < 0)
+            for items, s, r in zip(
+                lists, np.split(scores, bounds), np.split(rows, bounds), strict=True
+            )
+        ]
+
+    def _pair_scores(
+        self, user_keys: Sequence[str], owners: np.ndarray, item_keys: Sequence[str]
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Scores of ``item_keys[j]`` for ``user_keys[owners[j]]``, and the items' feature rows."""
         rows = self.users.find(user_keys)
         known = rows >= 0
         w = self.backend.xp.empty((len(user_keys), self.features.dim), dtype=self.users.dtype)
         w[...] = self.backend.asarray(self.users.prior_mean)
         if known.any():
             w[self.backend.xp.asarray(np.flatnonzero(known))] = self.users.w[rows[known]]
-        f, base = self._item_terms(item_keys, self.features.lookup(item_keys))
-        return base + self.backend.to_numpy((w * f).sum(axis=1))
+        feature_rows = self.features.lookup(item_keys)
+        f, base = self._item_terms(item_keys, feature_rows)
+        linear = (w[self.backend.xp.asarray(owners)] * f).sum(axis=1)
+        return base + self.backend.to_numpy(linear), feature_rows
 
     def topk(
         self,
