@@ -101,6 +101,9 @@ class UserState:
 
 def normalize_ids(ids: Iterable[Any], what: str) -> list[str]:
     """Ids are strings; integers are accepted and turned into strings."""
+    ids = list(ids)
+    if all(type(value) is str and value for value in ids):  # the common case, checked fast
+        return ids
     out = []
     for value in ids:
         if isinstance(value, bool) or not isinstance(value, str | int | np.integer):
