@@ -41,3 +41,19 @@ def applied(users, items, ratings, timestamps, version: str = "v1") -> Applied:
         foldin_inputs=np.empty((0, 0)),
         foldin_targets=np.empty(0),
     )
+
+
+def served_model(registry, number: int, config) -> OnlineModel:
+    """A registry version's model with every trained user loaded: what serving must equal."""
+    from feature_store.versions import model_of
+    from velox.backend import CPU
+
+    artifacts = registry.load(number)
+    model = model_of(artifacts, registry.get(number).name, config, CPU)
+    model.users.load(
+        [str(u) for u in artifacts.user_ids],
+        artifacts.user_gram,
+        artifacts.user_rhs,
+        artifacts.user_count,
+    )
+    return model

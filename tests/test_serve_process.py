@@ -19,7 +19,8 @@ from feature_store.durable import DurableModel
 from feature_store.layout import DataLayout
 from feature_store.online import OnlineStore
 from feature_store.versions import model_of, store_version
-from tests.test_serving import _config, _publish, _reference
+from tests.factories import served_model
+from tests.test_serving import _config, _publish
 from velox.backend import CPU
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -118,7 +119,7 @@ def test_sigkill_under_concurrent_observes_loses_no_acknowledged_observation(tmp
         assert store_version(store) == "v1"
         artifacts = registry.load(1)
         durable = DurableModel(model_of(artifacts, "v1", config, CPU), store, config.store)
-        reference = _reference(registry, 1, config)
+        reference = served_model(registry, 1, config)
         for applied in decode_log([logged[s] for s in sorted(logged)]):
             reference.replay(applied)
         users = sorted({sent["user"] for _, sent in acked})

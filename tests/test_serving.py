@@ -11,10 +11,9 @@ import pytest
 from feature_store.layout import DataLayout
 from feature_store.online import OnlineStore
 from feature_store.registry import ModelArtifacts, ModelRegistry
-from feature_store.versions import model_of
 from serving.app import STATE, create_app
+from tests.factories import served_model
 from velox.als import ALSParams, Ratings, train_als
-from velox.backend import CPU
 from velox.config import load_config
 from velox.datasets import SyntheticSpec, synthesize
 
@@ -43,18 +42,6 @@ def _config(root, *settings):
     )
 
 
-def _reference(registry, number, config):
-    artifacts = registry.load(number)
-    model = model_of(artifacts, registry.get(number).name, config, CPU)
-    model.users.load(
-        [str(u) for u in artifacts.user_ids],
-        artifacts.user_gram,
-        artifacts.user_rhs,
-        artifacts.user_count,
-    )
-    return model
-
-
 @pytest.fixture
 async def server(tmp_path, aiohttp_client):
     registry = _publish(tmp_path, seeds=(0, 1))
@@ -70,7 +57,7 @@ async def _post(client, path, body, **headers):
 
 
 async def test_predictions_equal_the_model_maths(server):
-    reference = _reference(server.registry, 1, server.config)
+    reference = served_model(server.registry, 1, server.config)
     items = ["i1", "i2", "i29", "never-rated"]
     for user in ("u3", "stranger"):
         status, body = await _post(server, "/predict", {"user": user, "items": items})
@@ -81,7 +68,7 @@ async def test_predictions_equal_the_model_maths(server):
 
 
 async def test_an_observe_changes_the_next_prediction_as_the_kernels_say(server):
-    reference = _reference(server.registry, 1, server.config)
+    reference = served_model(server.registry, 1, server.config)
     status, body = await _post(
         server,
         "/observe",
@@ -192,7 +179,7 @@ async def test_concurrent_observes_of_one_user_equal_applying_them_one_by_one(se
     )
     seqs = [body["seqs"][0] for _, body in answers]
     assert sorted(seqs) == list(range(1, 61))
-    reference = _reference(server.registry, 1, server.config)
+    reference = served_model(server.registry, 1, server.config)
     for n in np.argsort(seqs):  # one at a time, in the order the log holds them
         reference.observe_many(["u9"], [items[n]], [ratings[n]], [float(n)])
     got = await (await server.get("/users/u9")).json()
@@ -206,7 +193,7 @@ async def test_activation_switches_versions_live_and_keeps_every_observation(ser
     assert status == 200 and body == {"active": "v2"}
     models = await (await server.get("/models")).json()
     assert models["active"] == "v2" and models["serving"] == "v2"
-    reference = _reference(server.registry, 2, server.config)
+    reference = served_model(server.registry, 2, server.config)
     reference.observe_many(["u2"], ["i3"], [2.0], [5.0])  # the log after v2's watermark, again
     _, after = await _post(server, "/predict", {"user": "u2", "items": ["i1", "i3"]})
     assert after["version"] == "v2"

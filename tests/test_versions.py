@@ -9,6 +9,7 @@ from feature_store.layout import DataLayout
 from feature_store.online import OnlineStore
 from feature_store.registry import ModelArtifacts, ModelRegistry
 from feature_store.versions import open_active, serve_version, store_version
+from tests.factories import served_model
 from velox.als import ALSParams, Ratings, train_als
 from velox.backend import CPU
 from velox.config import load_config
@@ -42,16 +43,7 @@ def _stream(table, n=100, seed=3):
 
 def _reference(registry, number, config, observations) -> OnlineModel:
     """The version's model with every trained user loaded, then the observations applied."""
-    from feature_store.versions import model_of
-
-    artifacts = registry.load(number)
-    model = model_of(artifacts, registry.get(number).name, config, CPU)
-    model.users.load(
-        [str(u) for u in artifacts.user_ids],
-        artifacts.user_gram,
-        artifacts.user_rhs,
-        artifacts.user_count,
-    )
+    model = served_model(registry, number, config)
     for users, items, ratings in observations:
         model.observe_many(users, items, ratings)
     return model
