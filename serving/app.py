@@ -442,9 +442,9 @@ async def _batcher_ctx(app: web.Application):
 
     def apply(users, items, ratings, ts):
         try:
-            applied, seqs = state.durable.observe(users, items, ratings, ts)
+            applied, seqs = state.durable.observe(users, items, ratings, ts, sync=False)
         except Replaced:  # a version switch finished while this batch waited: use the new one
-            applied, seqs = state.durable.observe(users, items, ratings, ts)
+            applied, seqs = state.durable.observe(users, items, ratings, ts, sync=False)
         errors = applied.predictions - applied.ratings
         metrics.prequential_sse.inc(float(np.sum(errors**2)), version=applied.version)
         metrics.prequential_count.inc(len(errors), version=applied.version)
@@ -453,6 +453,7 @@ async def _batcher_ctx(app: web.Application):
     serve = state.limits
     state.batcher = MicroBatcher(
         apply,
+        sync=lambda: state.durable.sync(),
         wait=serve.batch_wait_ms / 1000,
         limit=serve.batch_max,
         on_batch=lambda n: metrics.batch_size.observe(n),
