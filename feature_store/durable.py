@@ -83,13 +83,8 @@ class DurableModel:
         self._retired = ""
         self.recovered = self._recover() if recover else 0
         self.reapplied = 0
-        self._stop = threading.Event()
         self._writer: threading.Thread | None = None
-        if self.config.checkpoint_interval > 0:
-            self._writer = threading.Thread(
-                target=self._write_back_loop, name="velox-write-back", daemon=True
-            )
-            self._writer.start()
+        self._start_writer()
 
     @classmethod
     def install(
@@ -213,6 +208,7 @@ class DurableModel:
         timeout: float | None = None,
     ) -> list[Prediction]:
         """:meth:`OnlineModel.predict_many` through the cache; :class:`Busy` after ``timeout`` s."""
+        users = normalize_ids(users, "user")
         distinct = list(dict.fromkeys(users))
         return self._locked(distinct, timeout, lambda: self.model.predict_many(users, item_lists))
 
@@ -281,6 +277,8 @@ class DurableModel:
         """Write every dirty state, the fold-ins and the biases; how many users were written."""
         with self._flush_lock:
             with self._write_lock, self._lock:
+                if self._broken is not None:  # memory may hold effects the log does not
+                    return 0
                 if self._applied_seq == self._persisted_seq and not force:
                     return 0
                 snapshot = self._snapshot()
@@ -304,8 +302,23 @@ class DurableModel:
         self._stop_writer()
         with self._flush_lock, self._write_lock, self._lock:
             self._persist(self._snapshot())
-            yield
+            try:
+                yield
+            except BaseException:
+                if self.store.installing() is not None:  # its checkpoints are gone
+                    self._broken = "a version switch failed part-way; restart to finish it"
+                else:
+                    self._start_writer()
+                raise
             self._retired = reason
+
+    def _start_writer(self) -> None:
+        self._stop = threading.Event()
+        if self.config.checkpoint_interval > 0:
+            self._writer = threading.Thread(
+                target=self._write_back_loop, name="velox-write-back", daemon=True
+            )
+            self._writer.start()
 
     def _stop_writer(self) -> None:
         self._stop.set()
@@ -349,17 +362,21 @@ class DurableModel:
             self.model.items.mark_saved(items[0], items[1][3])
 
     def _shrink(self) -> None:
-        """Evict least recently used clean users while the cache is over capacity."""
+        """Evict least recently used clean users while the cache is over capacity.
+
+        Under the write lock: a batch between its apply and its commit has
+        rows that look clean (not yet marked) and must not be evicted.
+        """
         capacity = self.config.cache_users
-        if len(self.model.users) <= capacity:
+        if len(self.model.users) <= capacity or self._broken is not None:
             return
         table = self.model.users
-        with self._lock:
+        with self._write_lock, self._lock:
             need = len(table) - int(capacity * _EVICT_TO)
             clean = np.flatnonzero(table.seq[: len(table)] == table.saved[: len(table)])
         if clean.size < need:
             self.flush()
-        with self._lock:
+        with self._write_lock, self._lock:
             n = len(table)
             clean = np.flatnonzero(table.seq[:n] == table.saved[:n])
             need = n - int(capacity * _EVICT_TO)

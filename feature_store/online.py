@@ -10,8 +10,11 @@ Column families:
 * ``items``: the same for items folded in online (unknown to the model version);
 * ``rated``: ``user \0 item`` -> empty, for every logged pair, written with the
   log (what top-K excludes: the items a user already rated);
-* ``meta``: the format version, the online biases, and the checkpoint
-  watermark: every state change up to it is in a checkpoint.
+* ``forgotten``: ids of deleted users, so installing a version trained
+  before the deletion does not bring them back;
+* ``meta``: the format version, the online biases, the checkpoint
+  watermark (every state change up to it is in a checkpoint) and the next
+  sequence number when records were deleted from the log's end.
 
 A :meth:`OnlineStore.commit` is one synced ``WriteBatch``: when it returns,
 every observation of the batch is on disk with its sequence number, and a
@@ -46,12 +49,13 @@ from velox.model import Applied
 
 log = logging.getLogger(__name__)
 
-COLUMN_FAMILIES = ("log", "users", "items", "rated", "meta")
+COLUMN_FAMILIES = ("log", "users", "items", "rated", "forgotten", "meta")
 STATE_FAMILIES = ("users", "items")
 _FORMAT_KEY = b"format_version"
 _CHECKPOINT_KEY = b"checkpoint"
 _BIASES_KEY = b"biases"
 _INSTALLING_KEY = b"installing"
+_NEXT_SEQ_KEY = b"next_seq"  # kept past deleted records, so sequence numbers are never reused
 _ABOVE_UTF8 = b"\xff"  # no UTF-8 key starts with 0xff, so [b"", this) spans a family
 
 
@@ -146,7 +150,12 @@ class OnlineStore:
             self.close()
             raise
         self._lock = threading.Lock()
-        self._next_seq = self._last_logged() + 1
+        stored = self._cf["meta"].get(_NEXT_SEQ_KEY)
+        self._next_seq = max(
+            self._last_logged() + 1,
+            self.checkpoint_seq + 1,
+            int.from_bytes(stored, "big") if stored is not None else 1,
+        )
         self._sync = rocksdict.WriteOptions()
         self._sync.sync = True
         self._buffered = rocksdict.WriteOptions()
@@ -338,8 +347,15 @@ class OnlineStore:
             batch.delete(user.encode(), self._handles["users"])
             prefix = user.encode() + b"\0"
             batch.delete_range(prefix, user.encode() + b"\1", self._handles["rated"])
+            batch.put(user.encode(), b"", self._handles["forgotten"])
+            batch.put(_NEXT_SEQ_KEY, _seq_key(self._next_seq), self._handles["meta"])
             self._db.write(batch, self._sync)
         return removed
+
+    def forgotten(self, users: Sequence[str]) -> set[str]:
+        """Which of ``users`` were deleted with :meth:`delete_user`."""
+        table = self._cf["forgotten"]
+        return {user for user in users if table.get(user.encode()) is not None}
 
     def counts(self) -> dict[str, int]:
         """Approximate number of entries per column family (RocksDB's estimate)."""

@@ -51,17 +51,23 @@ def model_of(
     return model
 
 
-def trained_users(artifacts: ModelArtifacts, watermark: int) -> tuple[list[str], StateBatch]:
-    """A version's user statistics as state checkpoints that include the log up to ``watermark``."""
-    n = len(artifacts.user_ids)
+def trained_users(
+    artifacts: ModelArtifacts, watermark: int, forgotten: set[str] = frozenset()
+) -> tuple[list[str], StateBatch]:
+    """A version's user statistics as checkpoints that include the log up to ``watermark``.
+
+    Users in ``forgotten`` (deleted after the version was trained) are left out.
+    """
+    keys = [str(u) for u in artifacts.user_ids]
+    keep = np.array([key not in forgotten for key in keys], dtype=bool)
     states = StateBatch(
-        artifacts.user_gram,
-        artifacts.user_rhs,
-        np.asarray(artifacts.user_count, dtype=np.int64),
-        np.full(n, watermark, dtype=np.int64),
-        np.zeros(n),
+        artifacts.user_gram[keep],
+        artifacts.user_rhs[keep],
+        np.asarray(artifacts.user_count, dtype=np.int64)[keep],
+        np.full(int(keep.sum()), watermark, dtype=np.int64),
+        np.zeros(int(keep.sum())),
     )
-    return [str(u) for u in artifacts.user_ids], states
+    return [key for key, k in zip(keys, keep, strict=True) if k], states
 
 
 def store_version(store: OnlineStore) -> str | None:
@@ -85,7 +91,7 @@ def serve_version(
     if store_version(store) == version.name:
         return DurableModel(model, store, config.store)
     log.info("installing model %s into %s", version.name, store.path)
-    users = trained_users(artifacts, version.watermark)
+    users = trained_users(artifacts, version.watermark, store.forgotten(artifacts.user_ids))
     return DurableModel.install(model, store, users, version.watermark, config.store)
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import re
 import time
 from dataclasses import dataclass
 
@@ -62,6 +63,8 @@ class Serving:
     batcher: MicroBatcher | None = None
     reads: ReadBatcher | None = None
     swap_lock: asyncio.Lock | None = None
+    open_for_writes: asyncio.Event | None = None
+    """Cleared while a version switch or a deletion holds the model (they run in threads)."""
     compute_seconds: float = 0.0005
     """Running estimate of a read's compute time, for the deadline check."""
 
@@ -111,7 +114,8 @@ async def middleware(request: web.Request, handler) -> web.StreamResponse:
     resource = request.match_info.route.resource
     route = resource.canonical if resource is not None else "unmatched"
     try:
-        scope = _SCOPES.get((request.method, route))
+        method = "GET" if request.method == "HEAD" else request.method
+        scope = _SCOPES.get((method, route))
         if scope is not None:
             _authorize(request, scope, request.app[CONFIG].serve)
         response = await handler(request)
@@ -141,9 +145,11 @@ def _error_response(request: web.Request, exc: Exception) -> web.Response:
         return _error(exc.status, exc.code, exc.message)
     if isinstance(exc, InputError):
         return _error(422, "validation_error", str(exc))
-    if isinstance(exc, Closed | VeloxError):
-        log.error("request failed: %s", exc)
+    if isinstance(exc, Closed | Busy):
         return _error(503, "unavailable", str(exc))
+    if isinstance(exc, VeloxError):  # the detail (paths, storage errors) stays in the log
+        log.error("request failed: %s", exc)
+        return _error(503, "unavailable", "the service cannot answer now; see the server log")
     log.exception("unexpected error in %s %s", request.method, request.path, exc_info=exc)
     return _error(500, "internal", "an unexpected error occurred; see the server log")
 
@@ -188,6 +194,8 @@ async def predict(request: web.Request) -> web.Response:
 
 def _predict_batch(state: Serving, users: list, item_lists: list, oldest: float) -> list:
     """One model call for the predict requests of a loop turn; None where the deadline is missed."""
+    if not state.open_for_writes.is_set():  # a switch or deletion holds the model
+        return [None] * len(users)
     limit = state.limits.deadline_ms / 1000
     timeout = None
     if limit > 0:
@@ -236,6 +244,8 @@ async def topk(request: web.Request) -> web.Response:
 def _within_deadline(request, state: Serving, compute, fallback):
     """The model's answer, or the prior's when the deadline would be missed (Clipper-style)."""
     limit = state.limits.deadline_ms / 1000
+    if not state.open_for_writes.is_set():  # a switch or deletion holds the model
+        return fallback(), True
     if limit <= 0:
         return _as_tuple(compute(None)), False
     left = limit - (time.monotonic() - request[STARTED]) - state.compute_seconds
@@ -303,6 +313,8 @@ async def observe(request: web.Request) -> web.Response:
 async def get_user(request: web.Request) -> web.Response:
     state = request.app[STATE]
     user = check_id(request.match_info["user"], "user", state.limits)
+    if not state.open_for_writes.is_set():
+        raise RequestError(503, "unavailable", "a model switch or deletion is in progress; retry")
     info = state.durable.user_state(user)
     return _json(
         {
@@ -320,7 +332,7 @@ async def delete_user(request: web.Request) -> web.Response:
     state = request.app[STATE]
     user = check_id(request.match_info["user"], "user", state.limits)
     loop = asyncio.get_running_loop()
-    logged = await loop.run_in_executor(None, state.durable.delete_user, user)
+    logged = await _exclusive(state, state.durable.delete_user, user)
     layout = DataLayout.from_config(state.config)
     stored = 0
     if layout.offline.is_dir():
@@ -356,7 +368,7 @@ async def activate(request: web.Request) -> web.Response:
     """Switch to a ready version: install it over the store, then swap, then point at it."""
     state = request.app[STATE]
     name = request.match_info["version"]
-    if not (name.startswith("v") and name[1:].isdigit()):
+    if not re.fullmatch(r"v[0-9]{1,9}", name):
         raise RequestError(404, "not_found", f"no model version {name!r}; versions look like v3")
     try:
         version = state.registry.get(int(name[1:]))
@@ -368,9 +380,19 @@ async def activate(request: web.Request) -> web.Response:
         )
     async with state.swap_lock:
         if version.name != state.durable.model.version:
-            await asyncio.get_running_loop().run_in_executor(None, _swap, state, version)
+            await _exclusive(state, _swap, state, version)
         state.registry.activate(version.number)
     return _json({"active": version.name})
+
+
+async def _exclusive(state: Serving, work, *args):
+    """Run ``work`` in a thread while batches wait in the queue (not on a lock in the loop)."""
+    state.open_for_writes.clear()
+    try:
+        await state.batcher.idle()
+        return await asyncio.get_running_loop().run_in_executor(None, work, *args)
+    finally:
+        state.open_for_writes.set()
 
 
 def _swap(state: Serving, version) -> None:
@@ -426,8 +448,14 @@ async def _model_ctx(app: web.Application):
     metrics.active.set(1, version=version.name)
     layout = DataLayout.from_config(config)
     app[STATE] = state = Serving(
-        config, durable, ModelRegistry(layout.registry), metrics, swap_lock=asyncio.Lock()
+        config,
+        durable,
+        ModelRegistry(layout.registry),
+        metrics,
+        swap_lock=asyncio.Lock(),
+        open_for_writes=asyncio.Event(),
     )
+    state.open_for_writes.set()
     state.reads = ReadBatcher(
         lambda users, lists, oldest: _predict_batch(state, users, lists, oldest)
     )
@@ -453,6 +481,7 @@ async def _batcher_ctx(app: web.Application):
     serve = state.limits
     state.batcher = MicroBatcher(
         apply,
+        gate=state.open_for_writes,
         sync=lambda: state.durable.sync(),
         wait=serve.batch_wait_ms / 1000,
         limit=serve.batch_max,

@@ -45,12 +45,16 @@ class MicroBatcher:
         apply: Callable[[list, list, list, list], Any],
         *,
         sync: Callable[[], None] = lambda: None,
+        gate: asyncio.Event | None = None,
         wait: float,
         limit: int,
         on_batch: Callable[[int], None] = lambda n: None,
     ) -> None:
         self._apply = apply
         self._sync = sync
+        self._gate = gate
+        self._busy = asyncio.Event()
+        self._busy.set()
         self._wait, self._limit = wait, limit
         self._on_batch = on_batch
         self._queue: asyncio.Queue[_Pending | None] = asyncio.Queue()
@@ -105,7 +109,20 @@ class MicroBatcher:
                 size += len(item.columns[0])
             await self._apply_batch(batch, size)
 
+    async def idle(self) -> None:
+        """Return once no batch is being applied (with the gate closed, none will start)."""
+        await self._busy.wait()
+
     async def _apply_batch(self, batch: list[_Pending], size: int) -> None:
+        if self._gate is not None:  # held while a version switch or deletion has the model
+            await self._gate.wait()
+        self._busy.clear()
+        try:
+            await self._apply_now(batch, size)
+        finally:
+            self._busy.set()
+
+    async def _apply_now(self, batch: list[_Pending], size: int) -> None:
         columns = tuple([value for p in batch for value in p.columns[c]] for c in range(4))
         self.waiting -= size
         self._on_batch(size)

@@ -76,6 +76,8 @@ def check_ids(
 
 def check_id(value: Id, what: str, limits: ServeConfig) -> str:
     text = str(value)
+    if "\0" in text:
+        raise RequestError(422, "validation_error", f"{what} ids must not contain NUL characters")
     if not text or len(text) > limits.max_id_length:
         raise RequestError(
             422,

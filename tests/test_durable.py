@@ -223,3 +223,40 @@ def test_an_unsynced_batch_is_durable_after_sync_and_a_failed_sync_stops_writes(
     with pytest.raises(DataError, match="refuses writes"):
         reopened.observe(*next(_batches(1, seed=3)))
     _crash(reopened)
+
+
+def test_sequence_numbers_are_never_reused_after_the_newest_records_are_deleted(tmp_path):
+    path = tmp_path / "db"
+    durable = _open(path)
+    durable.observe(["keep"], ["i1"], [4.0], [1.0])
+    durable.observe(["gone", "gone"], ["i2", "i3"], [2.0, 3.0], [2.0, 3.0])  # seqs 2, 3
+    assert durable.delete_user("gone") == 2
+    durable.close()
+    reopened = _open(path)
+    _, seqs = reopened.observe(["keep"], ["i4"], [5.0], [4.0])
+    assert seqs.tolist() == [4]  # not 2: the checkpoint already covers 3
+    _crash(reopened)
+    again = _open(path)
+    assert again.user_state("keep").observations == 2  # the acknowledged one is recovered
+    again.close()
+
+
+def test_a_checkpoint_never_holds_effects_of_a_failed_commit(tmp_path, monkeypatch):
+    path = tmp_path / "db"
+    durable = _open(path)
+    batch = next(_batches(1))
+    durable.observe(*batch)
+
+    def disk_full(applied, sync=True):
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(durable.store, "commit", disk_full)
+    with pytest.raises(DataError):
+        durable.observe(*next(_batches(1, seed=4)))
+    monkeypatch.undo()
+    assert durable.flush(force=True) == 0  # refused: memory is ahead of the log
+    _crash(durable)
+    reopened = _open(path)
+    counts = reopened.statistics(sorted(set(batch[0])))[2]
+    assert counts.sum() == 17  # only what the log holds
+    reopened.close()

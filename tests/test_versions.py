@@ -105,3 +105,16 @@ def test_serving_without_an_active_version_says_how_to_get_one(tmp_path):
     config = load_config(None, overrides=[f"data.dir={tmp_path}"])
     with pytest.raises(DataError, match="velox train --activate"):
         open_active(config, CPU)
+
+
+def test_a_forgotten_user_stays_forgotten_when_a_version_is_installed_again(setup):
+    config, registry, _ = setup
+    durable, _ = open_active(config, CPU)
+    trained = str(registry.load(1).user_ids[0])
+    assert durable.user_state(trained).known
+    durable.delete_user(trained)
+    durable.close()
+    registry.activate(2)
+    switched, _ = open_active(config, CPU)  # installs v2, trained before the deletion
+    assert not switched.user_state(trained).known
+    switched.close()

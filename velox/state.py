@@ -161,6 +161,8 @@ class RidgeTable:
 
     def mark(self, rows: np.ndarray, seqs: np.ndarray) -> None:
         """Record that ``rows`` now include the log records ``seqs`` (rows may repeat)."""
+        if (rows < 0).any():  # a row evicted between its update and this mark: a bug upstream
+            raise RuntimeError("marking a row that is not in the table")
         np.maximum.at(self.seq, rows, seqs)
 
     def mark_saved(self, keys: Sequence[str], seqs: np.ndarray) -> None:
