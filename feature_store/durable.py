@@ -146,14 +146,10 @@ class DurableModel:
         items: Sequence[Any],
         ratings: Sequence[float] | np.ndarray,
         timestamps: Sequence[float] | np.ndarray | None = None,
-        *,
-        sync: bool = True,
     ) -> tuple[Applied, np.ndarray]:
         """Apply and durably log a micro-batch; the record and its sequence numbers.
 
-        With ``sync=False`` the batch is durable only once
-        ``store.sync_log()`` has returned (the serving tier runs that off the
-        event loop). Bad input raises :class:`InputError` before anything changes. If the
+        Bad input raises :class:`InputError` before anything changes. If the
         synced write fails, the memory is ahead of the log: the model refuses
         further writes until it is reopened (which recovers from the log).
         """
@@ -163,7 +159,7 @@ class DurableModel:
                 self._page_in(normalize_ids(users, "user"))
                 applied = self.model.observe_many(users, items, ratings, timestamps)
             try:
-                seqs = self.store.commit(applied, sync=sync)
+                seqs = self.store.commit(applied)
             except Exception as exc:
                 self._broken = f"a log commit failed ({exc})"
                 raise DataError(
@@ -173,20 +169,6 @@ class DurableModel:
                 self._mark(applied, seqs)
         self._shrink()
         return applied, seqs
-
-    def sync(self) -> None:
-        """Make every ``observe(..., sync=False)`` so far durable; a failure stops all writes.
-
-        After a failed fsync nobody knows what reached the disk, so, as after a
-        failed commit, the model refuses writes until the store is reopened.
-        """
-        try:
-            self.store.sync_log()
-        except Exception as exc:
-            self._broken = f"syncing the log failed ({exc})"
-            raise DataError(
-                f"observations may not be stored: {self._broken}; reopen the store to recover"
-            ) from exc
 
     def predict(
         self, user: Any, items: Sequence[Any], *, timeout: float | None = None

@@ -158,7 +158,6 @@ class OnlineStore:
         )
         self._sync = rocksdict.WriteOptions()
         self._sync.sync = True
-        self._buffered = rocksdict.WriteOptions()
 
     def _check_format(self, existed: bool) -> None:
         meta = self._cf["meta"]
@@ -188,14 +187,8 @@ class OnlineStore:
         """Sequence number of the newest logged observation (0 when the log is empty)."""
         return self._next_seq - 1
 
-    def commit(self, applied: Applied, *, sync: bool = True) -> np.ndarray:
-        """Append an applied micro-batch to the log in one write; its sequence numbers.
-
-        Synced by default: when it returns, the batch is on disk. With
-        ``sync=False`` it is only in the write-ahead log's OS buffer until
-        :meth:`sync_log` returns (a crash keeps all of the batch or none of it
-        either way, and never a later batch without an earlier one).
-        """
+    def commit(self, applied: Applied) -> np.ndarray:
+        """Append an applied micro-batch to the log in one synced write; its sequence numbers."""
         self._check_writable()
         records = encode_log(applied)
         with self._lock:
@@ -205,17 +198,9 @@ class OnlineStore:
                 batch.put(_seq_key(first + offset), record, self._handles["log"])
             for user, item in zip(applied.users, applied.items, strict=True):
                 batch.put(_pair_key(user, item), b"", self._handles["rated"])
-            self._db.write(batch, self._sync if sync else self._buffered)
+            self._db.write(batch, self._sync)
             self._next_seq = first + len(records)
         return np.arange(first, first + len(records), dtype=np.int64)
-
-    def sync_log(self) -> None:
-        """Make every commit so far durable (one fsync of the write-ahead log).
-
-        Unlike a synced write it lets other Python threads run meanwhile, so
-        the serving tier can read requests while the disk works.
-        """
-        self._db.flush_wal(True)
 
     def log_after(self, seq: int = 0) -> Iterator[tuple[int, Observation]]:
         """Logged observations with sequence number greater than ``seq``, in order."""

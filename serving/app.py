@@ -470,9 +470,9 @@ async def _batcher_ctx(app: web.Application):
 
     def apply(users, items, ratings, ts):
         try:
-            applied, seqs = state.durable.observe(users, items, ratings, ts, sync=False)
+            applied, seqs = state.durable.observe(users, items, ratings, ts)
         except Replaced:  # a version switch finished while this batch waited: use the new one
-            applied, seqs = state.durable.observe(users, items, ratings, ts, sync=False)
+            applied, seqs = state.durable.observe(users, items, ratings, ts)
         errors = applied.predictions - applied.ratings
         metrics.prequential_sse.inc(float(np.sum(errors**2)), version=applied.version)
         metrics.prequential_count.inc(len(errors), version=applied.version)
@@ -482,7 +482,6 @@ async def _batcher_ctx(app: web.Application):
     state.batcher = MicroBatcher(
         apply,
         gate=state.open_for_writes,
-        sync=lambda: state.durable.sync(),
         wait=serve.batch_wait_ms / 1000,
         limit=serve.batch_max,
         on_batch=lambda n: metrics.batch_size.observe(n),

@@ -3,13 +3,14 @@
 Requests hand their observations to :meth:`MicroBatcher.submit` and wait. A
 single task gathers what arrives for at most ``wait`` seconds or ``limit``
 observations (a request is never split), closing early after a short lull,
-then applies the batch and answers every request from the result. The
-kernels and the (unsynced) log write run on the event loop's thread; only
-the fsync that makes the batch durable runs in a worker thread, which is
-where the GIL is free (rocksdict holds it through a synced write, so running
-the whole apply in a thread only added GIL hand-offs: measured, fewer
-observations per second and a longer tail). One batch is applied at a time, in arrival
-order, so observations of one user are applied in the order they arrived.
+then applies the batch (kernels and the synced log write) on the event
+loop's thread and answers every request from the result. rocksdict holds the
+GIL through a synced write, so a worker thread only added GIL hand-offs
+(measured: fewer observations per second, a longer tail); so did an
+unsynced write on the loop followed by ``flush_wal`` in a thread (0.34x
+instead of 0.45x hello-world with ``benchmarks/serve.py``). One batch is
+applied at a time, in arrival order, so observations of one user are applied
+in the order they arrived.
 On shutdown the pending batch is applied and answered before the task ends.
 """
 
@@ -44,14 +45,12 @@ class MicroBatcher:
         self,
         apply: Callable[[list, list, list, list], Any],
         *,
-        sync: Callable[[], None] = lambda: None,
         gate: asyncio.Event | None = None,
         wait: float,
         limit: int,
         on_batch: Callable[[int], None] = lambda n: None,
     ) -> None:
         self._apply = apply
-        self._sync = sync
         self._gate = gate
         self._busy = asyncio.Event()
         self._busy.set()
@@ -128,8 +127,6 @@ class MicroBatcher:
         self._on_batch(size)
         try:
             result = self._apply(*columns)
-            # The fsync, in a thread: requests keep being read while the disk works.
-            await asyncio.get_running_loop().run_in_executor(None, self._sync)
         except Exception as exc:  # every request of the batch gets the failure
             log.exception("applying a batch of %d observations failed", size)
             for pending in batch:

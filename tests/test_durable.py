@@ -170,7 +170,7 @@ def test_a_failed_commit_refuses_further_writes_until_reopened(tmp_path, monkeyp
     durable = _open(path)
     durable.observe(*next(_batches(1)))
 
-    def disk_full(applied, sync=True):  # a fault a test cannot cause on a real disk
+    def disk_full(applied):  # a fault a test cannot cause on a real disk
         raise OSError("No space left on device")
 
     monkeypatch.setattr(durable.store, "commit", disk_full)
@@ -202,29 +202,6 @@ def test_background_write_back_moves_the_checkpoint_without_a_call(tmp_path):
     durable.close()
 
 
-def test_an_unsynced_batch_is_durable_after_sync_and_a_failed_sync_stops_writes(
-    tmp_path, monkeypatch
-):
-    path = tmp_path / "db"
-    durable = _open(path)
-    durable.observe(*next(_batches(1)), sync=False)
-    durable.sync()
-    _crash(durable)
-    reopened = _open(path)
-    assert reopened.store.last_seq == 17 and reopened.recovered == 17
-
-    def failing():  # a fault a test cannot cause on a real disk
-        raise OSError("Input/output error")
-
-    monkeypatch.setattr(reopened.store, "sync_log", failing)
-    reopened.observe(*next(_batches(1, seed=2)), sync=False)
-    with pytest.raises(DataError, match=r"may not be stored.*Input/output error"):
-        reopened.sync()
-    with pytest.raises(DataError, match="refuses writes"):
-        reopened.observe(*next(_batches(1, seed=3)))
-    _crash(reopened)
-
-
 def test_sequence_numbers_are_never_reused_after_the_newest_records_are_deleted(tmp_path):
     path = tmp_path / "db"
     durable = _open(path)
@@ -247,7 +224,7 @@ def test_a_checkpoint_never_holds_effects_of_a_failed_commit(tmp_path, monkeypat
     batch = next(_batches(1))
     durable.observe(*batch)
 
-    def disk_full(applied, sync=True):
+    def disk_full(applied):
         raise OSError("No space left on device")
 
     monkeypatch.setattr(durable.store, "commit", disk_full)
