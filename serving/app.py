@@ -292,10 +292,8 @@ def _scores_response(state: Serving, user: str, result, degraded: bool) -> web.R
 
 async def observe(request: web.Request) -> web.Response:
     state = request.app[STATE]
-    raw = await request.read()
-    single = raw.lstrip()[:1] == b"{"
-    body = decode(raw, ObservationBody if single else list[ObservationBody])
-    observations = [body] if single else body
+    body = decode(await request.read(), ObservationBody | list[ObservationBody])
+    observations = [body] if isinstance(body, ObservationBody) else body
     users, items, ratings, ts = check_observations(observations, state.limits)
     now = time.time()
     ts = [now if t is None else t for t in ts]
