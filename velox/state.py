@@ -60,11 +60,14 @@ class RidgeTable:
         self.saved = np.zeros(capacity, dtype=np.int64)
         self.used = np.zeros(capacity, dtype=np.int64)
 
+    _DEVICE = ("P", "A", "w", "b")
+    _HOST = ("count", "updated", "seq", "saved", "used")
+
     def _device_arrays(self) -> tuple[Any, ...]:
-        return self.P, self.A, self.w, self.b
+        return tuple(getattr(self, name) for name in self._DEVICE)
 
     def _host_arrays(self) -> tuple[np.ndarray, ...]:
-        return self.count, self.updated, self.seq, self.saved, self.used
+        return tuple(getattr(self, name) for name in self._HOST)
 
     def __len__(self) -> int:
         return len(self._keys)
@@ -114,12 +117,12 @@ class RidgeTable:
     def _grow(self) -> None:
         xp = self.backend.xp
         size = self.P.shape[0]
-        for name in ("P", "A", "w", "b"):
+        for name in self._DEVICE:
             old = getattr(self, name)
             new = xp.empty((2 * size, *old.shape[1:]), dtype=old.dtype)
             new[:size] = old
             setattr(self, name, new)
-        for name in ("count", "updated", "seq", "saved", "used"):
+        for name in self._HOST:
             old = getattr(self, name)
             setattr(self, name, np.concatenate([old, np.zeros_like(old)]))
 

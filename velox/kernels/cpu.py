@@ -161,9 +161,9 @@ def normal_equations(
     """``A_r = sum c f f^T + reg_r I`` and ``b_r = sum c t f`` per row of a CSR rating matrix.
 
     Compiled and parallel over rows: each row gathers its ratings' feature
-    vectors and forms ``G^T diag(c) G`` with one BLAS product (six times a
-    scalar loop over the upper triangle at d = 51), where the sparse-product
-    form needs an ``(n_cols, d^2)`` table of outer products.
+    vectors and forms ``G^T diag(c) G`` with one BLAS product (faster than a
+    scalar loop over the upper triangle, which does not vectorise), where the
+    sparse-product form needs an ``(n_cols, d^2)`` table of outer products.
     """
     n, d = indptr.size - 1, F.shape[1]
     A = np.empty((n, d, d))
@@ -176,8 +176,8 @@ def single_threaded_blas() -> Any:
     """A context in which BLAS runs on one thread, for loops whose compiled threads call BLAS.
 
     A threaded BLAS under the threads of :func:`normal_equations` leaves its
-    workers spinning on the same cores: ALS on MovieLens 100K at rank 50 ran
-    twice as slowly without this. (Looked up at each call: the BLAS that
+    workers spinning on the same cores and competing with them. (Looked up at
+    each call: the BLAS that
     compiled code calls is SciPy's, which may load after this module.)
     """
     return threadpool_limits(limits=1, user_api="blas")
