@@ -5,7 +5,10 @@
 
 * :meth:`DurableModel.observe` applies a micro-batch with the kernels and
   commits what applying it did (:class:`~velox.model.Applied`) in one synced
-  write before it returns. The reply to a client may be sent then.
+  write before it returns; the reply to a client may be sent then. Or, with
+  ``sync=False``, it logs without the fsync and :meth:`DurableModel.sync_log`
+  later makes every batch logged so far durable at once (group commit), off
+  the caller's thread.
 * User states are a bounded cache: a user's state is read from its checkpoint
   the first time it is needed, and the least recently used *clean* states are
   evicted when the cache is full. A state is dirty while it includes log
@@ -146,12 +149,17 @@ class DurableModel:
         items: Sequence[Any],
         ratings: Sequence[float] | np.ndarray,
         timestamps: Sequence[float] | np.ndarray | None = None,
+        *,
+        sync: bool = True,
     ) -> tuple[Applied, np.ndarray]:
-        """Apply and durably log a micro-batch; the record and its sequence numbers.
+        """Apply and log a micro-batch; the record and its sequence numbers.
 
-        Bad input raises :class:`InputError` before anything changes. If the
-        synced write fails, the memory is ahead of the log: the model refuses
-        further writes until it is reopened (which recovers from the log).
+        With ``sync`` the log write is durable when this returns; without, it
+        is durable after the next :meth:`sync_log` (readers may see its effect
+        before: it is applied, only not yet acknowledged). Bad input raises
+        :class:`InputError` before anything changes. If the write fails, the
+        memory is ahead of the log: the model refuses further writes until it
+        is reopened (which recovers from the log).
         """
         with self._write_lock:
             with self._lock:
@@ -159,16 +167,29 @@ class DurableModel:
                 self._page_in(normalize_ids(users, "user"))
                 applied = self.model.observe_many(users, items, ratings, timestamps)
             try:
-                seqs = self.store.commit(applied)
+                seqs = self.store.commit(applied, sync=sync)
             except Exception as exc:
-                self._broken = f"a log commit failed ({exc})"
-                raise DataError(
-                    f"observations were not stored: {self._broken}; reopen the store to recover"
-                ) from exc
+                raise self._break(f"a log commit failed ({exc})") from exc
             with self._lock:
                 self._mark(applied, seqs)
         self._shrink()
         return applied, seqs
+
+    def sync_log(self) -> None:
+        """Make every logged batch durable (see :meth:`OnlineStore.sync_log`); thread-safe.
+
+        If the fsync fails, what the log holds is unknown: the model refuses
+        further writes until it is reopened, like after a failed commit.
+        """
+        self._check_intact()  # (not retirement: a replaced model's store lives on)
+        try:
+            self.store.sync_log()
+        except Exception as exc:
+            raise self._break(f"a log sync failed ({exc})") from exc
+
+    def _break(self, reason: str) -> DataError:
+        self._broken = reason
+        return DataError(f"observations were not stored: {reason}; reopen the store to recover")
 
     def predict(
         self, user: Any, items: Sequence[Any], *, timeout: float | None = None
@@ -370,6 +391,9 @@ class DurableModel:
     def _check_usable(self) -> None:
         if self._retired:
             raise Replaced(self._retired)
+        self._check_intact()
+
+    def _check_intact(self) -> None:
         if self._broken is not None:
             raise DataError(f"the store refuses writes: {self._broken}; reopen it to recover")
 

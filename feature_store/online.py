@@ -158,6 +158,7 @@ class OnlineStore:
         )
         self._sync = rocksdict.WriteOptions()
         self._sync.sync = True
+        self._unsynced = rocksdict.WriteOptions()
 
     def _check_format(self, existed: bool) -> None:
         meta = self._cf["meta"]
@@ -187,8 +188,15 @@ class OnlineStore:
         """Sequence number of the newest logged observation (0 when the log is empty)."""
         return self._next_seq - 1
 
-    def commit(self, applied: Applied) -> np.ndarray:
-        """Append an applied micro-batch to the log in one synced write; its sequence numbers."""
+    def commit(self, applied: Applied, *, sync: bool = True) -> np.ndarray:
+        """Append an applied micro-batch to the log in one write; its sequence numbers.
+
+        With ``sync`` (the default) the write is durable when this returns.
+        Without, it is in the operating system's hands (it survives a crash of
+        this process, not of the machine) until :meth:`sync_log`, which makes
+        every earlier write durable with one fsync: callers that can wait for
+        that off their thread get group commit across batches.
+        """
         self._check_writable()
         records = encode_log(applied)
         with self._lock:
@@ -198,9 +206,18 @@ class OnlineStore:
                 batch.put(_seq_key(first + offset), record, self._handles["log"])
             for user, item in zip(applied.users, applied.items, strict=True):
                 batch.put(_pair_key(user, item), b"", self._handles["rated"])
-            self._db.write(batch, self._sync)
+            self._db.write(batch, self._sync if sync else self._unsynced)
             self._next_seq = first + len(records)
         return np.arange(first, first + len(records), dtype=np.int64)
+
+    def sync_log(self) -> None:
+        """Make every write so far durable: one fsync of the write-ahead log (RocksDB SyncWAL).
+
+        Unlike a synced write, this call lets other Python threads run while
+        the disk works, so an event loop can keep serving during it.
+        """
+        self._check_writable()
+        self._db.flush_wal(True)
 
     def log_after(self, seq: int = 0) -> Iterator[tuple[int, Observation]]:
         """Logged observations with sequence number greater than ``seq``, in order."""

@@ -37,37 +37,33 @@ def _number(value: float) -> str:
 
 
 class Counter:
-    """A monotonically increasing count per label set."""
+    """A monotonically increasing count per label set; or, with ``compute``, read at scrape time."""
 
     kind = "counter"
 
-    def __init__(self, name: str, help_text: str) -> None:
+    def __init__(
+        self, name: str, help_text: str, compute: Callable[[], dict] | None = None
+    ) -> None:
         self.name, self.help = name, help_text
         self.values: dict[Labels, float] = defaultdict(float)
+        self.compute = compute
 
     def inc(self, amount: float = 1.0, **labels: str) -> None:
         self.values[tuple(sorted(labels.items()))] += amount
 
     def samples(self) -> list[str]:
+        if self.compute is not None:
+            self.values = defaultdict(float, self.compute())
         return [f"{self.name}{_labels(k)} {_number(v)}" for k, v in list(self.values.items())]
 
 
 class Gauge(Counter):
-    """A value that goes up and down; or, with ``compute``, read at scrape time."""
+    """A value that goes up and down."""
 
     kind = "gauge"
 
-    def __init__(self, name: str, help_text: str, compute: Callable[[], dict] | None = None):
-        super().__init__(name, help_text)
-        self.compute = compute
-
     def set(self, value: float, **labels: str) -> None:
         self.values[tuple(sorted(labels.items()))] = value
-
-    def samples(self) -> list[str]:
-        if self.compute is not None:
-            self.values = defaultdict(float, self.compute())
-        return super().samples()
 
 
 class Histogram:
@@ -80,10 +76,17 @@ class Histogram:
         self.values: dict[Labels, list[float]] = {}
 
     def observe(self, value: float, **labels: str) -> None:
+        self.add(self.row(**labels), value)
+
+    def row(self, **labels: str) -> list[float]:
+        """The bucket counts, sum and count of a label set (hold it to skip the label lookup)."""
         key = tuple(sorted(labels.items()))
         row = self.values.get(key)
         if row is None:
             row = self.values[key] = [0.0] * (len(self.buckets) + 3)
+        return row
+
+    def add(self, row: list[float], value: float) -> None:
         row[bisect_left(self.buckets, value)] += 1
         row[-2] += value
         row[-1] += 1
@@ -105,10 +108,15 @@ class Metrics:
     """Every metric the serving tier exports."""
 
     def __init__(self) -> None:
-        self.requests = Counter("velox_requests_total", "HTTP requests by route and status.")
+        self.requests = Counter(
+            "velox_requests_total",
+            "HTTP requests by route and status.",
+            compute=lambda: {key: row[-1] for key, row in list(self.latency.values.items())},
+        )
         self.latency = Histogram(
             "velox_request_seconds", "HTTP request latency by route and status.", LATENCY_BUCKETS
         )
+        self._request_rows: dict[tuple[str, int], list[float]] = {}
         self.batch_size = Histogram(
             "velox_batch_observations", "Observations per applied micro-batch.", SIZE_BUCKETS
         )
@@ -131,6 +139,15 @@ class Metrics:
             "Root mean squared prequential error per model version.",
             compute=self._rmse,
         )
+
+    def request(self, route: str, status: int, seconds: float) -> None:
+        """Count one answered request and its latency (one dict lookup on the hot path)."""
+        row = self._request_rows.get((route, status))
+        if row is None:
+            row = self._request_rows[route, status] = self.latency.row(
+                route=route, status=str(status)
+            )
+        self.latency.add(row, seconds)
 
     def _rmse(self) -> dict[Labels, float]:
         return {

@@ -49,12 +49,19 @@ class ObservationBody(msgspec.Struct, forbid_unknown_fields=True):
     ts: float | None = None
 
 
-def decode(body: bytes, kind: type) -> object:
-    """Decode JSON into ``kind``; a 400 that says what and where when it does not fit."""
+PREDICT = msgspec.json.Decoder(PredictBody)
+TOPK = msgspec.json.Decoder(TopKBody)
+OBSERVE = msgspec.json.Decoder(ObservationBody | list[ObservationBody])
+"""Decoders built once: msgspec caches a plain type's plan, but a union written in
+the call (``A | list[A]``) is a new object every time and costs ~3 us to plan."""
+
+
+def decode(body: bytes, decoder: msgspec.json.Decoder) -> object:
+    """Decode JSON with ``decoder``; a 400 that says what and where when it does not fit."""
     if not body:
         raise RequestError(400, "invalid_json", "the request body is empty; send a JSON object")
     try:
-        return msgspec.json.decode(body, type=kind)
+        return decoder.decode(body)
     except msgspec.ValidationError as exc:
         raise RequestError(422, "validation_error", str(exc)) from None
     except msgspec.DecodeError as exc:

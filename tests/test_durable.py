@@ -94,11 +94,14 @@ def test_a_crash_after_a_checkpoint_recovers_every_state_from_the_log(tmp_path):
     assert _open(path).recovered == 0  # a clean close leaves nothing to replay
 
 
-def test_recovered_states_equal_a_replay_of_the_whole_log(tmp_path):
+@pytest.mark.parametrize("sync", [True, False], ids=["synced", "group-synced"])
+def test_recovered_states_equal_a_replay_of_the_whole_log(tmp_path, sync):
     path = tmp_path / "db"
     durable = _open(path, cache_users=8)  # eviction forces checkpoints between batches
     for batch in _batches(10, seed=1):
-        durable.observe(*batch)
+        durable.observe(*batch, sync=sync)
+    if not sync:  # unsynced batches, checkpoints among them, then one sync for all
+        durable.sync_log()
     _crash(durable)
     reference, logged = _full_replay(path)
     assert logged == 170
@@ -170,7 +173,7 @@ def test_a_failed_commit_refuses_further_writes_until_reopened(tmp_path, monkeyp
     durable = _open(path)
     durable.observe(*next(_batches(1)))
 
-    def disk_full(applied):  # a fault a test cannot cause on a real disk
+    def disk_full(applied, *, sync=True):  # a fault a test cannot cause on a real disk
         raise OSError("No space left on device")
 
     monkeypatch.setattr(durable.store, "commit", disk_full)
@@ -187,6 +190,26 @@ def test_a_failed_commit_refuses_further_writes_until_reopened(tmp_path, monkeyp
         1 for u in next(_batches(1))[0] if u == batch[0][0]
     )
     reopened.close()
+
+
+def test_a_failed_log_sync_refuses_further_writes_until_reopened(tmp_path, monkeypatch):
+    path = tmp_path / "db"
+    durable = _open(path)
+    durable.observe(*next(_batches(1)), sync=False)
+
+    def io_error():  # a fault a test cannot cause on a real disk
+        raise OSError("Input/output error")
+
+    monkeypatch.setattr(durable.store, "sync_log", io_error)
+    with pytest.raises(DataError, match=r"log sync failed.*Input/output"):
+        durable.sync_log()
+    monkeypatch.undo()
+    with pytest.raises(DataError, match="refuses writes"):
+        durable.observe(*next(_batches(1, seed=4)), sync=False)
+    with pytest.raises(DataError, match="refuses writes"):
+        durable.sync_log()
+    _crash(durable)
+    assert _open(path).store.last_seq == 17  # reopening recovers what the log holds
 
 
 def test_background_write_back_moves_the_checkpoint_without_a_call(tmp_path):

@@ -165,6 +165,30 @@ async def test_metrics_openapi_and_health(server):
     assert (await (await server.get("/readyz")).json())["version"] == "v1"
 
 
+async def test_unknown_paths_and_methods_get_json_404_and_405(server):
+    missing = await server.post("/predictions", data=b"{}")
+    assert missing.status == 404
+    assert (await missing.json())["error"] == "not_found"
+    wrong = await server.get("/observe")
+    assert wrong.status == 405 and wrong.headers["Allow"] == "POST"
+    assert (await wrong.json())["error"] == "method_not_allowed"
+    users = await server.put("/users/u1", data=b"{}")
+    assert users.status == 405 and set(users.headers["Allow"].split(",")) == {
+        "GET",
+        "HEAD",
+        "DELETE",
+    }
+    assert (await server.head("/healthz")).status == 200
+    text = await (await server.get("/metrics")).text()
+    for line in (
+        'velox_requests_total{route="unmatched",status="404"} 1',
+        'velox_requests_total{route="/observe",status="405"} 1',
+        'velox_requests_total{route="/users/{user}",status="405"} 1',
+        'velox_request_seconds_count{route="/healthz",status="200"} 1',
+    ):
+        assert line in text, line
+
+
 async def test_concurrent_observes_of_one_user_equal_applying_them_one_by_one(server):
     rng = np.random.default_rng(0)
     items = [f"i{j}" for j in rng.integers(0, 30, 60)]
@@ -238,6 +262,8 @@ async def test_a_request_that_would_miss_its_deadline_gets_the_prior_flagged(
         ("/observe", "w-token", 200),
         ("/models/v1/activate", "w-token", 403),
         ("/models/v1/activate", "a-token", 200),
+        ("HEAD /users/u1", None, 401),
+        ("HEAD /users/u1", "r-token", 200),
     ],
 )
 async def test_bearer_tokens_guard_each_scope(tmp_path, aiohttp_client, path, token, status):
@@ -249,12 +275,15 @@ async def test_bearer_tokens_guard_each_scope(tmp_path, aiohttp_client, path, to
         "serve.admin_token=a-token",
     )
     client = await aiohttp_client(create_app(config))
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    if path.startswith("HEAD "):  # HEAD answers like GET, scope included
+        assert (await client.head(path.removeprefix("HEAD "), headers=headers)).status == status
+        return
     body = {
         "/predict": {"user": "u1", "items": ["i1"]},
         "/observe": {"user": "u1", "item": "i1", "rating": 3.0},
         "/models/v1/activate": {},
     }[path]
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
     got, answer = await _post(client, path, body, **headers)
     assert got == status, answer
     if status >= 400:
