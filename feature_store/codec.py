@@ -50,6 +50,12 @@ class StateBatch:
     seq: np.ndarray
     updated: np.ndarray
 
+    def take(self, rows: slice | np.ndarray) -> StateBatch:
+        """The states of ``rows`` only."""
+        return StateBatch(
+            self.A[rows], self.b[rows], self.count[rows], self.seq[rows], self.updated[rows]
+        )
+
 
 @cache
 def _upper(d: int) -> tuple[np.ndarray, np.ndarray]:

@@ -13,11 +13,13 @@
   the first time it is needed, and the least recently used *clean* states are
   evicted when the cache is full. A state is dirty while it includes log
   records its checkpoint does not; a background thread writes dirty states
-  back (with the fold-in items and the online biases, in one write that also
-  moves the checkpoint watermark), and so do eviction and :meth:`close`.
+  back (a few hundred per write, then the fold-in items and the online
+  biases in one write that also moves the checkpoint watermark), and so do
+  eviction and :meth:`close`.
 * Opening replays the log after the checkpoint watermark, exactly as it was
-  applied (:meth:`~velox.model.OnlineModel.replay`), so every state after a
-  crash equals the state before it: a user's statistics bit for bit, the item
+  applied (:meth:`~velox.model.OnlineModel.replay`; a user whose stored state
+  is ahead of the watermark skips the records it has), so every state after
+  a crash equals the state before it: a user's statistics bit for bit, the item
   biases and fold-ins up to the rounding of their sums (live, a batch adds to
   them user round by user round; replay adds in log order).
 
@@ -454,8 +456,13 @@ class DurableModel:
                 part = seqs[first : first + len(applied)]
                 first += len(applied)
                 self._page_in(applied.users)
+                rows = self.model.users.find(applied.users)
+                # A user's stored state may be ahead of the watermark (a checkpoint that
+                # crashed after its user writes, before its last one): it has these already.
+                have = rows >= 0
+                have[have] = self.model.users.seq[rows[have]] >= part[have]
                 try:
-                    self.model.replay(applied)
+                    self.model.replay(applied, users_have=have)
                 except InputError as exc:
                     raise DataError(f"store {self.store.path} cannot be recovered: {exc}") from None
                 self._mark(applied, part)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from feature_store.codec import decode_log
+from feature_store.codec import StateBatch, decode_log
 from feature_store.durable import DurableModel
 from feature_store.online import OnlineStore
 from tests.factories import small_model
@@ -114,6 +114,33 @@ def test_recovered_states_equal_a_replay_of_the_whole_log(tmp_path, sync):
     np.testing.assert_array_equal(got["count"], reference.users.count[rows])
     np.testing.assert_allclose(
         got["item A"], reference.items.A[reference.items.find(["new1", "new2"])], rtol=1e-12
+    )
+    recovered.close()
+
+
+def test_user_states_stored_ahead_of_the_watermark_are_not_replayed_twice(tmp_path, monkeypatch):
+    """What a crash inside a checkpoint leaves: some user chunks written, not the watermark."""
+    monkeypatch.setattr("feature_store.online.CHECKPOINT_CHUNK", 4)  # several chunks
+    path = tmp_path / "db"
+    durable = _open(path)
+    for number, batch in enumerate(_batches(10, seed=5)):
+        durable.observe(*batch)
+        if number == 2:
+            durable.flush()  # the watermark: 51
+    ahead = sorted(durable.model.users.keys)[:9]  # three chunks' worth, then the "crash"
+    A, b, count, seq, updated = durable.statistics(ahead)
+    assert durable.store.checkpoint_seq == 51 and (seq > 51).any()
+    durable.store.put_states("users", ahead, StateBatch(A, b, count, seq, updated), "float64")
+    _crash(durable)
+    reference, _ = _full_replay(path)
+    recovered = _open(path)
+    users = sorted(reference.users.keys)
+    got = _everything(recovered, users)
+    rows = reference.users.find(users)
+    np.testing.assert_array_equal(got["A"], reference.users.A[rows])
+    np.testing.assert_array_equal(got["count"], reference.users.count[rows])
+    np.testing.assert_allclose(
+        got["bias"], reference.biases.bias(reference.biases.find(ITEMS)), rtol=1e-12
     )
     recovered.close()
 

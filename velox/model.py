@@ -353,13 +353,16 @@ class OnlineModel:
                 rows, backend.asarray(x[positions]), backend.asarray(t[positions]), when[positions]
             )
 
-    def replay(self, applied: Applied) -> np.ndarray:
+    def replay(self, applied: Applied, *, users_have: np.ndarray | None = None) -> np.ndarray:
         """Apply recorded observations again, exactly as they were applied; returns user rows.
 
         Nothing is recomputed from the current ``mu``, ``b_i`` or fold-in
         state: targets, residuals and cold features come from the record, so
         replaying a log from a checkpoint rebuilds the statistics bit for bit
-        whatever the batch boundaries were.
+        whatever the batch boundaries were. ``users_have`` marks positions
+        whose user state already includes them (a state stored after the
+        checkpoint the biases come from): those update the biases and
+        fold-ins only.
         """
         if applied.version != self.version:
             raise InputError(
@@ -375,6 +378,10 @@ class OnlineModel:
         f, t = self.backend.asarray(f_host), self.backend.asarray(applied.targets)
         user_rows = self.users.ensure(applied.users)
         for positions in _rounds(applied.users):
+            if users_have is not None:
+                positions = positions[~users_have[positions]]
+                if not positions.size:
+                    continue
             index = self.backend.xp.asarray(positions)
             self.users.update(
                 user_rows[positions], f[index], t[index], applied.timestamps[positions]
