@@ -27,8 +27,8 @@ Locks, always taken in this order: ``_flush_lock`` serialises checkpoints;
 ``_write_lock`` serialises writers, so the log's order is the order batches
 were applied, and keeps a checkpoint from catching a batch between its apply
 and its commit; ``_lock`` guards the model itself and is held only while the
-model changes or is read (not during the synced commit), so readers wait at
-most one kernel call.
+model changes or is read (not during the commit), so readers wait at most
+one kernel call.
 """
 
 from __future__ import annotations
@@ -302,8 +302,10 @@ class DurableModel:
         """Everything written back and every lock held while another model takes the store.
 
         Writers and readers wait; afterwards this model refuses both
-        (:class:`Replaced`), so callers switch to the new one.
+        (:class:`Replaced`), so callers switch to the new one. A broken model
+        refuses: after a failed write or fsync only a reopen may trust the log.
         """
+        self._check_intact()
         self._stop_writer()
         with self._flush_lock, self._write_lock, self._lock:
             self._persist(self._snapshot())

@@ -68,6 +68,8 @@ class Serving:
     swap_lock: asyncio.Lock | None = None
     open_for_writes: asyncio.Event | None = None
     """Cleared while a version switch or a deletion holds the model (they run in threads)."""
+    exclusive: int = 0
+    """How many of those are running."""
     compute_seconds: float = 0.0005
     """Running estimate of a read's compute time, for the deadline check."""
 
@@ -381,13 +383,19 @@ async def activate(request: web.Request) -> web.Response:
 
 
 async def _exclusive(state: Serving, work, *args):
-    """Run ``work`` in a thread while batches wait in the queue (not on a lock in the loop)."""
+    """Run ``work`` in a thread while batches wait in the queue (not on a lock in the loop).
+
+    Batches are applied on the loop, so none is half applied when the gate
+    closes; it opens again when the last of overlapping exclusive works ends.
+    """
+    state.exclusive += 1
     state.open_for_writes.clear()
     try:
-        await state.batcher.idle()
         return await asyncio.get_running_loop().run_in_executor(None, work, *args)
     finally:
-        state.open_for_writes.set()
+        state.exclusive -= 1
+        if not state.exclusive:
+            state.open_for_writes.set()
 
 
 def _swap(state: Serving, version) -> None:

@@ -31,7 +31,7 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-_LULL = 0.0003
+_LULL = 0.00005
 """Seconds without a new observation after which a batch closes before its deadline."""
 
 
@@ -127,8 +127,6 @@ class MicroBatcher:
         self._group = GroupSync(sync) if sync is not None else None
         self._syncing: set[asyncio.Future] = set()
         self._gate = gate
-        self._busy = asyncio.Event()
-        self._busy.set()
         self._wait, self._limit = wait, limit
         self._on_batch = on_batch
         self._pending: deque[_Pending] = deque()
@@ -144,7 +142,7 @@ class MicroBatcher:
 
     async def submit(self, users: list, items: list, ratings: list, ts: list) -> Any:
         """Queue one request's observations; its slice of the batch result when durable."""
-        if self._closed:
+        if self._closed or self._task is None or self._task.done():
             raise Closed("the server is shutting down")
         future = self._loop.create_future()
         self.waiting += len(users)
@@ -157,12 +155,14 @@ class MicroBatcher:
         """Stop taking observations, apply and answer what is queued, stop the worker."""
         self._closed = True
         self._wake()
-        if self._task is not None:
-            await self._task
-        if self._syncing:
-            await asyncio.wait(self._syncing)
-        if self._group is not None:
-            self._group.close()
+        try:
+            if self._task is not None:
+                await self._task
+        finally:  # answered or failed, no fsync may outlive the store
+            if self._syncing:
+                await asyncio.wait(self._syncing)
+            if self._group is not None:
+                self._group.close()
 
     def _wake(self) -> None:
         if self._wakeup is not None and not self._wakeup.done():
@@ -197,18 +197,11 @@ class MicroBatcher:
             size += len(pending.columns[0])
         return batch, size
 
-    async def idle(self) -> None:
-        """Return once no batch is being applied (with the gate closed, none will start)."""
-        await self._busy.wait()
-
     async def _apply_batch(self, batch: list[_Pending], size: int) -> None:
-        if self._gate is not None:  # held while a version switch or deletion has the model
+        # The gate is closed while a version switch or deletion has the model (in a thread).
+        while self._gate is not None and not self._gate.is_set():
             await self._gate.wait()
-        self._busy.clear()
-        try:
-            self._apply_now(batch, size)
-        finally:
-            self._busy.set()
+        self._apply_now(batch, size)
 
     def _apply_now(self, batch: list[_Pending], size: int) -> None:
         columns = tuple([value for p in batch for value in p.columns[c]] for c in range(4))

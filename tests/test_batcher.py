@@ -116,3 +116,20 @@ async def test_without_a_sync_the_apply_itself_is_the_durability_point():
     batch, part = await batcher.submit(["u", "u"], ["a", "b"], [1.0, 2.0], [0.0, 0.0])
     await batcher.close()
     assert (batch, part) == (1, slice(0, 2)) and log.syncs == 0
+
+
+async def test_a_closed_gate_holds_batches_until_it_stays_open():
+    gate = asyncio.Event()
+    log = Log()
+    batcher = _batcher(log, gate=gate)
+    request = asyncio.ensure_future(batcher.submit(["u"], ["i"], [1.0], [0.0]))
+    await asyncio.sleep(0.01)
+    assert log.batches == 0
+    gate.set()
+    gate.clear()  # opened and closed again (overlapping switches) before the batcher ran
+    await asyncio.sleep(0.01)
+    assert log.batches == 0
+    gate.set()
+    await request
+    await batcher.close()
+    assert log.batches == 1
