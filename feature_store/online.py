@@ -63,6 +63,7 @@ _CHECKPOINT_KEY = b"checkpoint"
 _BIASES_KEY = b"biases"
 _INSTALLING_KEY = b"installing"
 _NEXT_SEQ_KEY = b"next_seq"  # kept past deleted records, so sequence numbers are never reused
+_SYNCED_KEY = b"synced_seq"  # every log record up to it is on disk (readers stop there)
 _ABOVE_UTF8 = b"\xff"  # no UTF-8 key starts with 0xff, so [b"", this) spans a family
 
 
@@ -166,6 +167,7 @@ class OnlineStore:
         self._sync = rocksdict.WriteOptions()
         self._sync.sync = True
         self._unsynced = rocksdict.WriteOptions()
+        self._synced = self.last_seq  # what opening found, recovery flushed to disk
 
     def _check_format(self, existed: bool) -> None:
         meta = self._cf["meta"]
@@ -213,18 +215,29 @@ class OnlineStore:
                 batch.put(_seq_key(first + offset), record, self._handles["log"])
             for user, item in zip(applied.users, applied.items, strict=True):
                 batch.put(_pair_key(user, item), b"", self._handles["rated"])
+            last = first + len(records) - 1
+            synced = last if sync else self._synced
+            batch.put(_SYNCED_KEY, _seq_key(synced), self._handles["meta"])
             self._db.write(batch, self._sync if sync else self._unsynced)
-            self._next_seq = first + len(records)
+            self._next_seq, self._synced = last + 1, synced
         return np.arange(first, first + len(records), dtype=np.int64)
 
     def sync_log(self) -> None:
         """Make every write so far durable: one fsync of the write-ahead log (RocksDB SyncWAL).
 
         Unlike a synced write, this call lets other Python threads run while
-        the disk works, so an event loop can keep serving during it.
+        the disk works, so an event loop can keep serving during it. The
+        durable watermark that log readers stop at is then moved, unsynced
+        (a lost update only holds readers back).
         """
         self._check_writable()
+        with self._lock:
+            upto = self.last_seq
         self._db.flush_wal(True)
+        with self._lock:
+            if upto > self._synced:
+                self._synced = upto
+                self._cf["meta"][_SYNCED_KEY] = _seq_key(upto)
 
     def log_after(self, seq: int = 0) -> Iterator[tuple[int, Observation]]:
         """Logged observations with sequence number greater than ``seq``, in order."""
@@ -441,9 +454,28 @@ class LogReader:
         """See everything the primary has committed so far."""
         self._db.try_catch_up_with_primary()
 
+    @property
+    def synced_seq(self) -> int:
+        """The newest sequence number known to be on disk, as of the last catch-up.
+
+        A secondary also sees log records written but not yet fsynced; a
+        power loss could drop those and let new observations reuse their
+        numbers, so an export must not take them.
+        """
+        stored = self._db.get_column_family("meta").get(_SYNCED_KEY)
+        if stored is not None:
+            return int.from_bytes(stored, "big")
+        cursor = self._db.get_column_family("log").iter()  # a store only ever synced
+        cursor.seek_to_last()
+        return int.from_bytes(cursor.key(), "big") if cursor.valid() else 0
+
     def log_after(self, seq: int = 0) -> Iterator[tuple[int, Observation]]:
-        """Logged observations after ``seq``, as of the last catch-up."""
-        return _iterate_log(self._db.get_column_family("log"), seq)
+        """Durable logged observations after ``seq`` (up to :attr:`synced_seq`), in order."""
+        upto = self.synced_seq
+        for number, observation in _iterate_log(self._db.get_column_family("log"), seq):
+            if number > upto:
+                return
+            yield number, observation
 
     def close(self) -> None:
         self._db.close()

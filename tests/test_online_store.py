@@ -110,7 +110,12 @@ def test_a_second_process_reads_the_log_while_the_server_holds_the_store(tmp_pat
             from tests.factories import applied
             store = OnlineStore({str(path)!r})
             for line in sys.stdin:
-                seqs = store.commit(applied([line.strip()], ["i"], [3.0], [1.0]))
+                user, *unsynced = line.split()
+                if user == "!sync":
+                    store.sync_log()
+                    print("synced", flush=True)
+                    continue
+                seqs = store.commit(applied([user], ["i"], [3.0], [1.0]), sync=not unsynced)
                 print(seqs[-1], flush=True)
         """),
         ],
@@ -130,6 +135,18 @@ def test_a_second_process_reads_the_log_while_the_server_holds_the_store(tmp_pat
                 writer.stdout.readline()
             reader.catch_up()
             assert [(s, o.user) for s, o in reader.log_after(1)] == [(2, "b"), (3, "c")]
+            for line in ("d unsynced", "e unsynced"):  # written, not yet fsynced: not exported
+                writer.stdin.write(f"{line}\n")
+                writer.stdin.flush()
+                writer.stdout.readline()
+            reader.catch_up()
+            assert reader.synced_seq == 3 and list(reader.log_after(3)) == []
+            writer.stdin.write("!sync\n")
+            writer.stdin.flush()
+            assert writer.stdout.readline().strip() == "synced"
+            reader.catch_up()
+            assert reader.synced_seq == 5
+            assert [(s, o.user) for s, o in reader.log_after(3)] == [(4, "d"), (5, "e")]
     finally:
         writer.stdin.close()
         writer.wait(timeout=30)
