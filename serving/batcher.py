@@ -108,9 +108,10 @@ class MicroBatcher:
 
     Requests append to a plain deque and wake the batching task only when it
     sleeps for lack of work. While a batch is open the task re-arms one short
-    timer per lull rather than one wait per arrival: with 64 connections a
-    batch holds 50-60 requests, so per-arrival timers and queue wake-ups were
-    a visible share of each observation's CPU time.
+    timer per lull rather than one wait per arrival: a batch holds tens of
+    requests under load (``velox_batch_observations`` says how many), and
+    per-arrival timers and queue wake-ups were a visible share of each
+    observation's CPU time in the profile.
     """
 
     def __init__(
