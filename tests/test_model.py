@@ -121,6 +121,23 @@ def test_fold_in_learns_an_unknown_item_from_its_raters():
     assert "newcomer" in model.topk(lovers[0], 100).items
 
 
+@pytest.mark.parametrize("explore", ["none", "ucb"])
+def test_topk_over_every_item_equals_topk_over_them_as_candidates(explore):
+    """The all-items path caches rows and features; it must stay equal as fold-ins arrive."""
+    model = small_model(items=30)
+    model.observe_many(["u", "v", "u"], ["i1", "new1", "i2"], [5.0, 4.0, 1.0])
+    for step in range(3):
+        everything = [*model.features.item_ids, *model.items.keys]
+        for exclude in ([], ["i1", "new1", "absent"]):
+            cached = model.topk("u", 40, exclude=exclude, explore=explore)
+            direct = model.topk("u", 40, candidates=everything, exclude=exclude, explore=explore)
+            assert cached.items == direct.items
+            np.testing.assert_array_equal(cached.scores, direct.scores)
+            np.testing.assert_array_equal(cached.cold, direct.cold)
+        model.observe_many(["v", "u"], [f"new{step + 2}", "new1"], [2.0, 5.0])  # cache stale
+    assert {"new1", "new4"} <= set(model.topk("u", 40).items)
+
+
 def test_topk_is_sorted_respects_candidates_and_exclusion():
     model = small_model()
     model.observe_many(["u"] * 3, ["i1", "i2", "i3"], [5.0, 1.0, 4.0])

@@ -48,6 +48,10 @@ class OnlineBiases:
         self._sum = np.zeros(size)
         self._count = np.zeros(size)
 
+    def __len__(self) -> int:
+        """Items with a row (rows are never taken back)."""
+        return len(self._rows)
+
     @property
     def mean(self) -> float:
         return self._mean_sum / self._mean_count

@@ -127,6 +127,40 @@ def _rounds(keys: Sequence[str]) -> list[np.ndarray]:
     return [np.flatnonzero(occurrence == r) for r in range(int(occurrence.max()) + 1)]
 
 
+@dataclass
+class _Catalogue:
+    """Every item with its feature rows (-1: folded in online) and bias rows."""
+
+    stamp: tuple[int, int]
+    keys: list[str]
+    rows: np.ndarray
+    bias_rows: np.ndarray
+    _positions: dict[str, int] | None = None
+    _features: Any = None
+
+    def vectors(self, model: OnlineModel) -> Any:
+        """Features of every item; the version's part is copied once, fold-ins every call."""
+        if self._features is None:
+            self._features = model.features.vectors(self.rows)
+        unknown = self.rows < 0
+        if not unknown.any():
+            return self._features
+        out = self._features.copy()
+        fold = model._item_vectors(
+            [self.keys[p] for p in np.flatnonzero(unknown)], self.rows[unknown]
+        )
+        out[model.backend.xp.asarray(np.flatnonzero(unknown))] = fold
+        return out
+
+    def without(self, banned: set[str]) -> np.ndarray:
+        """Positions of the items not in ``banned``."""
+        if self._positions is None:
+            self._positions = {key: p for p, key in enumerate(self.keys)}
+        keep = np.ones(len(self.keys), dtype=bool)
+        keep[[self._positions[k] for k in banned if k in self._positions]] = False
+        return np.flatnonzero(keep)
+
+
 class _Effects:
     """Per-observation outputs of ``observe_many``, filled round by round."""
 
@@ -207,6 +241,7 @@ class OnlineModel:
         self.items = RidgeTable(
             len(self._free), regularization=config.foldin_regularization, **common
         )
+        self._catalogue_cache: _Catalogue | None = None
 
     @property
     def version(self) -> str:
@@ -262,6 +297,20 @@ class OnlineModel:
                 positions = xp.asarray(unknown[have])[:, None]
                 out[positions, xp.asarray(self._free)[None, :]] = self.items.w[folded[have]]
         return out
+
+    def _catalogue(self) -> _Catalogue:
+        """Every item, the version's then those folded in online, with its rows (cached).
+
+        Both tables only ever grow, so their sizes tell when the cache is stale.
+        """
+        stamp = (len(self.items), len(self.biases))
+        if self._catalogue_cache is None or self._catalogue_cache.stamp != stamp:
+            # The fold-in table holds exactly the items the features do not know.
+            keys = [*self.features.item_ids, *self.items.keys]
+            self._catalogue_cache = _Catalogue(
+                stamp, keys, self.features.lookup(keys), self.biases.find(keys)
+            )
+        return self._catalogue_cache
 
     def _item_terms(self, keys: Sequence[str], rows: np.ndarray) -> tuple[Any, np.ndarray]:
         """What every read path needs of its items: features, and ``mu + b_i`` on the host."""
@@ -484,20 +533,26 @@ class OnlineModel:
             raise InputError(f"explore must be one of {', '.join(EXPLORE_MODES)}, got {explore!r}")
         if not np.isfinite(alpha) or alpha < 0:
             raise InputError(f"alpha must be a finite number >= 0, got {alpha!r}")
-        if candidates is None:
-            # The fold-in table holds exactly the items the features do not know.
-            keys = [*self.features.item_ids, *self.items.keys]
+        banned = set(normalize_ids(exclude, "item"))
+        if candidates is None:  # every item: rows and features looked up once, not per request
+            catalogue = self._catalogue()
+            keys, rows = catalogue.keys, catalogue.rows
+            f = catalogue.vectors(self)
+            scores = self.biases.mean + self.biases.bias(catalogue.bias_rows)
+            if banned:
+                keep = catalogue.without(banned)
+                keys, rows, scores = [keys[p] for p in keep], rows[keep], scores[keep]
+                f = f[self.backend.xp.asarray(keep)]
         else:
             keys = normalize_ids(candidates, "item")
-        banned = set(normalize_ids(exclude, "item"))
-        if banned:
-            keys = [key for key in keys if key not in banned]
+            if banned:
+                keys = [key for key in keys if key not in banned]
+            rows = self.features.lookup(keys)
+            f, scores = self._item_terms(keys, rows)
         if not keys:
             return Prediction([], np.empty(0), np.empty(0, dtype=bool))
         (user_key,) = normalize_ids([user], "user")
         w, P, _ = self._user_arrays(user_key)
-        rows = self.features.lookup(keys)
-        f, scores = self._item_terms(keys, rows)
         if explore == "thompson":
             rng = rng if rng is not None else self.backend.default_rng()
             w = kernels.thompson_sample(w[None], P[None], alpha, rng)[0]
