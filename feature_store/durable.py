@@ -49,7 +49,7 @@ from feature_store.codec import (
     decode_observation,
     encode_biases,
 )
-from feature_store.online import OnlineStore
+from feature_store.online import OnlineStore, Receipt
 from velox.config import StoreConfig
 from velox.errors import DataError, InputError
 from velox.model import Applied, OnlineModel, Prediction, UserState, normalize_ids
@@ -153,12 +153,14 @@ class DurableModel:
         timestamps: Sequence[float] | np.ndarray | None = None,
         *,
         sync: bool = True,
+        receipts: Sequence[Receipt] = (),
     ) -> tuple[Applied, np.ndarray]:
         """Apply and log a micro-batch; the record and its sequence numbers.
 
         With ``sync`` the log write is durable when this returns; without, it
         is durable after the next :meth:`sync_log` (readers may see its effect
-        before: it is applied, only not yet acknowledged). Bad input raises
+        before: it is applied, only not yet acknowledged). ``receipts`` of
+        idempotent requests are stored with the log records. Bad input raises
         :class:`InputError` before anything changes. If the write fails, the
         memory is ahead of the log: the model refuses further writes until it
         is reopened (which recovers from the log).
@@ -169,7 +171,7 @@ class DurableModel:
                 self._page_in(normalize_ids(users, "user"))
                 applied = self.model.observe_many(users, items, ratings, timestamps)
             try:
-                seqs = self.store.commit(applied, sync=sync)
+                seqs = self.store.commit(applied, sync=sync, receipts=receipts)
             except Exception as exc:
                 raise self._break(f"a log commit failed ({exc})") from exc
             with self._lock:

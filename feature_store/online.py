@@ -13,8 +13,11 @@ Column families:
 * ``forgotten``: ids of deleted users, so installing a version trained
   before the deletion does not bring them back;
 * ``meta``: the format version, the online biases, the checkpoint
-  watermark (every state change up to it is in a checkpoint) and the next
-  sequence number when records were deleted from the log's end.
+  watermark (every state change up to it is in a checkpoint), the next
+  sequence number when records were deleted from the log's end, the durable
+  watermark for log readers, and a receipt per observe request sent with an
+  idempotency key (written with its log records, so a retry after a crash
+  still finds it).
 
 A :meth:`OnlineStore.commit` is one ``WriteBatch``: a crash never leaves part
 of a batch; synced, every observation of it is on disk with its sequence
@@ -32,9 +35,12 @@ Parquet artifacts of their version, and the serving tier holds them in memory.
 from __future__ import annotations
 
 import logging
+import struct
 import threading
 import time
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
 
 import numpy as np
@@ -64,6 +70,8 @@ _BIASES_KEY = b"biases"
 _INSTALLING_KEY = b"installing"
 _NEXT_SEQ_KEY = b"next_seq"  # kept past deleted records, so sequence numbers are never reused
 _SYNCED_KEY = b"synced_seq"  # every log record up to it is on disk (readers stop there)
+_RECEIPT_PREFIX = b"request\0"  # + an idempotency key: which log records that request became
+_RECEIPT = struct.Struct(">QI")  # first sequence number, how many; then the body's digest
 _ABOVE_UTF8 = b"\xff"  # no UTF-8 key starts with 0xff, so [b"", this) spans a family
 
 
@@ -107,6 +115,16 @@ def _check_folder(path: Path) -> bool:
             "pass an empty or new folder, or the folder of an existing store"
         )
     return True
+
+
+@dataclass(frozen=True)
+class Receipt:
+    """An observe request sent with an idempotency key: its body's digest and log records."""
+
+    key: str
+    digest: bytes
+    first: int
+    count: int
 
 
 class OnlineStore:
@@ -197,14 +215,17 @@ class OnlineStore:
         """Sequence number of the newest logged observation (0 when the log is empty)."""
         return self._next_seq - 1
 
-    def commit(self, applied: Applied, *, sync: bool = True) -> np.ndarray:
+    def commit(
+        self, applied: Applied, *, sync: bool = True, receipts: Sequence[Receipt] = ()
+    ) -> np.ndarray:
         """Append an applied micro-batch to the log in one write; its sequence numbers.
 
         With ``sync`` (the default) the write is durable when this returns.
         Without, it is in the operating system's hands (it survives a crash of
         this process, not of the machine) until :meth:`sync_log`, which makes
         every earlier write durable with one fsync: callers that can wait for
-        that off their thread get group commit across batches.
+        that off their thread get group commit across batches. ``receipts``
+        (positions relative to this batch) are stored in the same write.
         """
         self._check_writable()
         records = encode_log(applied)
@@ -218,6 +239,12 @@ class OnlineStore:
             last = first + len(records) - 1
             synced = last if sync else self._synced
             batch.put(_SYNCED_KEY, _seq_key(synced), self._handles["meta"])
+            for receipt in receipts:
+                batch.put(
+                    _RECEIPT_PREFIX + receipt.key.encode(),
+                    _RECEIPT.pack(first + receipt.first, receipt.count) + receipt.digest,
+                    self._handles["meta"],
+                )
             self._db.write(batch, self._sync if sync else self._unsynced)
             self._next_seq, self._synced = last + 1, synced
         return np.arange(first, first + len(records), dtype=np.int64)
@@ -242,6 +269,21 @@ class OnlineStore:
     def log_after(self, seq: int = 0) -> Iterator[tuple[int, Observation]]:
         """Logged observations with sequence number greater than ``seq``, in order."""
         return _iterate_log(self._cf["log"], seq)
+
+    def receipt(self, key: str) -> Receipt | None:
+        """What the request sent with idempotency ``key`` became, if it was committed."""
+        stored = self._cf["meta"].get(_RECEIPT_PREFIX + key.encode())
+        if stored is None:
+            return None
+        first, count = _RECEIPT.unpack_from(stored)
+        return Receipt(key, stored[_RECEIPT.size :], first, count)
+
+    def records(self, first: int, count: int) -> list[bytes] | None:
+        """The log records ``first .. first + count - 1``; None if any is gone (deleted)."""
+        found = list(islice(self.records_after(first - 1), count))
+        if [seq for seq, _ in found] != list(range(first, first + count)):
+            return None
+        return [record for _, record in found]
 
     def records_after(self, seq: int = 0) -> Iterator[tuple[int, bytes]]:
         """Raw log records after ``seq`` (for replay: :func:`feature_store.codec.decode_log`)."""

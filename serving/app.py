@@ -16,20 +16,23 @@ batcher, which applies and commits them a micro-batch at a time.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import hmac
 import logging
 import re
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import msgspec
 import numpy as np
 from aiohttp import web
 
+from feature_store.codec import decode_log
 from feature_store.durable import Busy, DurableModel, Replaced
 from feature_store.layout import DataLayout
 from feature_store.offline import OfflineStore
+from feature_store.online import Receipt
 from feature_store.registry import ModelRegistry
 from feature_store.versions import open_active, serve_version
 from serving.batcher import Closed, MicroBatcher, ReadBatcher
@@ -70,6 +73,8 @@ class Serving:
     """Cleared while a version switch or a deletion holds the model (they run in threads)."""
     exclusive: int = 0
     """How many of those are running."""
+    idempotent: dict = field(default_factory=dict)
+    """Idempotency key -> (body digest, future answer) of keyed observes not yet answered."""
     compute_seconds: float = 0.0005
     """Running estimate of a read's compute time, for the deadline check."""
 
@@ -291,19 +296,84 @@ def _scores_response(state: Serving, user: str, result, degraded: bool) -> web.R
 
 async def observe(request: web.Request) -> web.Response:
     state = request.app[STATE]
-    body = decode(await request.read(), OBSERVE)
+    raw = await request.read()
+    body = decode(raw, OBSERVE)
     observations = [body] if isinstance(body, ObservationBody) else body
     users, items, ratings, ts = check_observations(observations, state.limits)
     now = time.time()
     ts = [now if t is None else t for t in ts]
+    key = request.headers.get("Idempotency-Key")
+    if key is not None:
+        return await _observe_once(
+            state, check_id(key, "Idempotency-Key", state.limits), raw, (users, items, ratings, ts)
+        )
     (seqs, predictions, cold), part = await state.batcher.submit(users, items, ratings, ts)
-    return _json(
-        {
-            "accepted": len(users),
-            "seqs": seqs[part],
-            "predictions": predictions[part],
-            "cold": cold[part],
-        }
+    return _json(_observed(seqs[part], predictions[part], cold[part]))
+
+
+def _observed(seqs: list, predictions: list, cold: list) -> dict:
+    return {"accepted": len(seqs), "seqs": seqs, "predictions": predictions, "cold": cold}
+
+
+async def _observe_once(state: Serving, key: str, raw: bytes, columns: tuple) -> web.Response:
+    """An observe sent with an idempotency key: applied once, however often it is retried.
+
+    The key's receipt (the body's digest and the log records it became) is
+    written with those records, so a retry after an answer that got lost,
+    a failed fsync or a crash gets the first answer again, flagged by an
+    ``Idempotent-Replayed`` header, instead of applying the observations
+    twice. A retry while the first is still in its batch waits for it.
+    """
+    digest = hashlib.blake2b(raw, digest_size=16).digest()
+    running = state.idempotent.get(key)
+    if running is not None:
+        if running[0] != digest:
+            raise _key_reused(key)
+        return _replayed(await asyncio.shield(running[1]))
+    receipt = state.durable.store.receipt(key)
+    if receipt is not None:
+        if receipt.digest != digest:
+            raise _key_reused(key)
+        return _replayed(_from_log(state, receipt))
+    answer = asyncio.get_running_loop().create_future()
+    state.idempotent[key] = (digest, answer)
+    try:
+        (seqs, predictions, cold), part = await state.batcher.submit(*columns, tag=(key, digest))
+        answer.set_result(_observed(seqs[part], predictions[part], cold[part]))
+    except BaseException as exc:  # retries waiting on it fail too (and may retry again)
+        failure = exc if isinstance(exc, Exception) else Closed("the first request was cancelled")
+        answer.set_exception(failure)
+        answer.exception()  # retrieved, whether or not a retry was waiting
+        raise
+    finally:
+        del state.idempotent[key]
+    return _json(answer.result())
+
+
+def _key_reused(key: str) -> RequestError:
+    return RequestError(
+        422, "idempotency_key_reused", f"Idempotency-Key {key!r} came with another body"
+    )
+
+
+def _replayed(answer: dict) -> web.Response:
+    response = _json(answer)
+    response.headers["Idempotent-Replayed"] = "true"
+    return response
+
+
+def _from_log(state: Serving, receipt) -> dict:
+    """The first answer to an idempotent request, rebuilt from its log records."""
+    records = state.durable.store.records(receipt.first, receipt.count)
+    if records is None:
+        raise RequestError(
+            410, "gone", "the observations of this request were deleted with their user"
+        )
+    runs = decode_log(records)
+    return _observed(
+        list(range(receipt.first, receipt.first + receipt.count)),
+        [p for run in runs for p in run.predictions.tolist()],
+        [c for run in runs for c in run.cold.tolist()],
     )
 
 
@@ -471,11 +541,16 @@ async def _batcher_ctx(app: web.Application):
     state = app[STATE]
     metrics = state.metrics
 
-    def apply(users, items, ratings, ts):
+    def apply(users, items, ratings, ts, tags):
+        receipts = [Receipt(key, digest, first, n) for (key, digest), first, n in tags]
         try:
-            applied, seqs = state.durable.observe(users, items, ratings, ts, sync=False)
+            applied, seqs = state.durable.observe(
+                users, items, ratings, ts, sync=False, receipts=receipts
+            )
         except Replaced:  # a version switch finished while this batch waited: use the new one
-            applied, seqs = state.durable.observe(users, items, ratings, ts, sync=False)
+            applied, seqs = state.durable.observe(
+                users, items, ratings, ts, sync=False, receipts=receipts
+            )
         errors = applied.predictions - applied.ratings
         metrics.prequential_sse.inc(float(np.sum(errors**2)), version=applied.version)
         metrics.prequential_count.inc(len(errors), version=applied.version)

@@ -39,6 +39,7 @@ _LULL = 0.00005
 class _Pending:
     columns: tuple[list, list, list, list]
     future: asyncio.Future
+    tag: Any = None
 
 
 class Closed(Exception):
@@ -116,7 +117,7 @@ class MicroBatcher:
 
     def __init__(
         self,
-        apply: Callable[[list, list, list, list], Any],
+        apply: Callable[[list, list, list, list, list], Any],
         *,
         gate: asyncio.Event | None = None,
         wait: float,
@@ -141,14 +142,20 @@ class MicroBatcher:
         self._loop = asyncio.get_running_loop()
         self._task = self._loop.create_task(self._run(), name="velox-batcher")
 
-    async def submit(self, users: list, items: list, ratings: list, ts: list) -> Any:
-        """Queue one request's observations; its slice of the batch result when durable."""
+    async def submit(
+        self, users: list, items: list, ratings: list, ts: list, tag: Any = None
+    ) -> Any:
+        """Queue one request's observations; its slice of the batch result when durable.
+
+        A ``tag`` reaches ``apply`` with the request's place in the batch
+        (the serving tier tags requests sent with an idempotency key).
+        """
         if self._closed or self._task is None or self._task.done():
             raise Closed("the server is shutting down")
         future = self._loop.create_future()
         self.waiting += len(users)
         self._last_arrival = self._loop.time()
-        self._pending.append(_Pending((users, items, ratings, ts), future))
+        self._pending.append(_Pending((users, items, ratings, ts), future, tag))
         self._wake()
         return await future
 
@@ -206,10 +213,16 @@ class MicroBatcher:
 
     def _apply_now(self, batch: list[_Pending], size: int) -> None:
         columns = tuple([value for p in batch for value in p.columns[c]] for c in range(4))
+        tags, start = [], 0
+        for pending in batch:
+            n = len(pending.columns[0])
+            if pending.tag is not None:
+                tags.append((pending.tag, start, n))
+            start += n
         self.waiting -= size
         self._on_batch(size)
         try:
-            result = self._apply(*columns)
+            result = self._apply(*columns, tags)
         except Exception as exc:  # every request of the batch gets the failure
             log.exception("applying a batch of %d observations failed", size)
             _answer(batch, None, exc)

@@ -75,6 +75,14 @@ def _operation(summary: str, body: dict | None, result: dict, *errors: int) -> d
 def openapi_document() -> dict[str, Any]:
     """The API description; every 4xx has the ``{"error", "message"}`` body."""
     user_path = {"name": "user", "in": "path", "required": True, "schema": {"type": "string"}}
+    idempotency_key = {
+        "name": "Idempotency-Key",
+        "in": "header",
+        "required": False,
+        "description": "Retries with the same key and body are applied once and get the "
+        "first answer again (header Idempotent-Replayed); another body is a 422.",
+        "schema": {"type": "string", "minLength": 1},
+    }
     predict = {
         "type": "object",
         "required": ["user", "items"],
@@ -124,9 +132,20 @@ def openapi_document() -> dict[str, Any]:
                 )
             },
             "/observe": {
-                "post": _operation(
-                    "Learn from observations, durably", observe, observed, 400, 401, 403, 413, 422
-                )
+                "post": {
+                    **_operation(
+                        "Learn from observations, durably",
+                        observe,
+                        observed,
+                        400,
+                        401,
+                        403,
+                        410,
+                        413,
+                        422,
+                    ),
+                    "parameters": [idempotency_key],
+                }
             },
             "/users/{user}": {
                 "parameters": [user_path],

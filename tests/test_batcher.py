@@ -22,7 +22,7 @@ class Log:
         self.sync_seconds, self.fail_sync = sync_seconds, fail_sync
         self._lock = threading.Lock()
 
-    def apply(self, users, items, ratings, ts):
+    def apply(self, users, items, ratings, ts, tags):
         with self._lock:
             self.applied += list(zip(users, items, ratings, ts, strict=True))
             self.batches += 1

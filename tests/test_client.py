@@ -74,6 +74,7 @@ class Stub:
                 "raw_path": request.raw_path,
                 "match": dict(request.match_info),
                 "auth": header,
+                "key": request.headers.get("Idempotency-Key"),
                 "body": body,
                 "at": time.monotonic(),
             }
@@ -386,13 +387,16 @@ async def test_an_idempotent_call_is_retried_through_503s_with_backoff(stub):
     assert stub.hits["/users/{user}"] == 3
 
 
-async def test_observe_is_never_retried(stub):
-    stub.unavailable["/observe"] = 1
+async def test_observe_is_retried_only_with_an_idempotency_key(stub):
+    stub.unavailable["/observe"] = 2
     async with AsyncClient(stub.url, retries=3, backoff=0.001) as velox:
         with pytest.raises(VeloxAPIError) as unavailable:
             await velox.observe(Observation("u", "i", 1.0))
-    assert unavailable.value.status == 503
-    assert stub.hits["/observe"] == 1
+        assert unavailable.value.status == 503
+        assert stub.hits["/observe"] == 1
+        await velox.observe(Observation("u", "i", 1.0), idempotency_key="event-9")
+    assert stub.hits["/observe"] == 3  # one 503 more, then the answer
+    assert [s["key"] for s in stub.seen] == [None, "event-9", "event-9"]
 
 
 async def test_a_refused_connection_is_retried_then_reported(monkeypatch):
@@ -400,9 +404,9 @@ async def test_a_refused_connection_is_retried_then_reported(monkeypatch):
     sent = Counter()
     send = AsyncClient._send
 
-    async def counting(self, method, target, body):
+    async def counting(self, method, target, body, headers=None):
         sent[target] += 1
-        return await send(self, method, target, body)
+        return await send(self, method, target, body, headers)
 
     monkeypatch.setattr(AsyncClient, "_send", counting)
     async with AsyncClient(url, retries=2, backoff=0.001) as velox:

@@ -200,7 +200,7 @@ def test_a_failed_commit_refuses_further_writes_until_reopened(tmp_path, monkeyp
     durable = _open(path)
     durable.observe(*next(_batches(1)))
 
-    def disk_full(applied, *, sync=True):  # a fault a test cannot cause on a real disk
+    def disk_full(applied, **options):  # a fault a test cannot cause on a real disk
         raise OSError("No space left on device")
 
     monkeypatch.setattr(durable.store, "commit", disk_full)

@@ -239,6 +239,42 @@ async def test_deleting_a_user_forgets_state_log_and_rated_items(server):
     assert "i3" in [i["item"] for i in top["items"]]  # no longer excluded: nothing is rated
 
 
+async def test_an_idempotency_key_applies_a_request_once_across_retries_and_restarts(
+    tmp_path, aiohttp_client
+):
+    _publish(tmp_path)
+    config = _config(tmp_path)
+    client = await aiohttp_client(create_app(config))
+    body = [{"user": "u1", "item": "i1", "rating": 5.0}, {"user": "u1", "item": "new", "rating": 2}]
+    key = {"Idempotency-Key": "order-17"}
+    trained = (await (await client.get("/users/u1")).json())["observations"]
+    first, *concurrent = await asyncio.gather(
+        *(client.post("/observe", data=json.dumps(body), headers=key) for _ in range(4))
+    )
+    answer = await first.json()
+    assert first.status == 200 and answer["accepted"] == 2 and answer["cold"] == [False, True]
+    for retry in concurrent:  # sent while the first was in its batch: they waited for it
+        assert retry.status == 200 and await retry.json() == answer
+    assert client.app[STATE].durable.store.last_seq == 2  # applied once
+    state = await (await client.get("/users/u1")).json()
+    assert state["observations"] == trained + 2
+
+    other = await client.post("/observe", data=json.dumps(body[:1]), headers=key)
+    assert other.status == 422 and (await other.json())["error"] == "idempotency_key_reused"
+    await client.close()  # the server goes; the receipt stays with the log
+
+    client = await aiohttp_client(create_app(config))
+    again = await client.post("/observe", data=json.dumps(body), headers=key)
+    assert again.status == 200 and again.headers["Idempotent-Replayed"] == "true"
+    assert await again.json() == answer
+    assert (await (await client.get("/users/u1")).json())["observations"] == trained + 2
+    fresh = await client.post("/observe", data=json.dumps(body), headers={"Idempotency-Key": "x"})
+    assert (await fresh.json())["seqs"] == [3, 4]  # another key is another request
+    await client.delete("/users/u1")
+    gone = await client.post("/observe", data=json.dumps(body), headers=key)
+    assert gone.status == 410 and (await gone.json())["error"] == "gone"
+
+
 async def test_a_request_that_would_miss_its_deadline_gets_the_prior_flagged(
     tmp_path, aiohttp_client
 ):

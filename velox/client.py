@@ -7,10 +7,11 @@ Answers come back as frozen dataclasses; a server's error body becomes a
 both :class:`~velox.errors.VeloxError`, so the CLI prints them as one line.
 
 Reads and other idempotent calls are retried on connection failures and on
-502/503/504 with exponential backoff. ``observe`` is sent once only: a request
-that timed out or lost its connection may still have been applied, and sending
-it again would learn the same ratings twice. Retry it yourself when you know it
-was not applied.
+502/503/504 with exponential backoff. ``observe`` is retried only when given
+an ``idempotency_key``, which the server uses to apply it once whatever the
+number of attempts; without one it is sent once: a request that timed out or
+lost its connection may still have been applied, and sending it again would
+learn the same ratings twice.
 
 ::
 
@@ -295,13 +296,30 @@ class AsyncClient:
         return await self._call("POST", "/topk", Scores.from_json, body)
 
     async def observe(
-        self, observations: Observation | Mapping[str, Any] | Sequence[Observation | Mapping]
+        self,
+        observations: Observation | Mapping[str, Any] | Sequence[Observation | Mapping],
+        *,
+        idempotency_key: str | None = None,
     ) -> ObserveResult:
-        """Learn from one observation or a batch; durable once this returns. Never retried."""
+        """Learn from one observation or a batch; durable once this returns.
+
+        Retried only with an ``idempotency_key`` (unique per logical request,
+        e.g. the event's id): the server then applies it once however many
+        attempts reach it. Without one a failed attempt may or may not have
+        been applied, so it is not retried.
+        """
         if isinstance(observations, Observation | Mapping):
             observations = [observations]
         body = [_observation(o).to_json() for o in observations]
-        return await self._call("POST", "/observe", ObserveResult.from_json, body, idempotent=False)
+        headers = {"Idempotency-Key": idempotency_key} if idempotency_key is not None else None
+        return await self._call(
+            "POST",
+            "/observe",
+            ObserveResult.from_json,
+            body,
+            idempotent=idempotency_key is not None,
+            headers=headers,
+        )
 
     async def user(self, user_id: Id) -> UserInfo:
         """What the server holds about one user."""
@@ -353,6 +371,7 @@ class AsyncClient:
         *,
         idempotent: bool = True,
         retry_on: frozenset[int] = RETRY_STATUSES,
+        headers: Mapping[str, str] | None = None,
     ) -> T:
         """The parsed JSON answer; retries only an idempotent call, as the module says."""
         url = self.base_url + path
@@ -361,7 +380,7 @@ class AsyncClient:
             if attempt:
                 await asyncio.sleep(self.backoff * 2 ** (attempt - 1))
             try:
-                status, text = await self._send(method, url, body)
+                status, text = await self._send(method, url, body, headers)
             except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, TimeoutError) as exc:
                 failure = VeloxConnectionError(method, url, exc, attempt + 1)
                 log.debug("%s %s failed (attempt %d): %r", method, url, attempt + 1, exc)
@@ -372,8 +391,10 @@ class AsyncClient:
             return _answer(status, text, parse, f"{method} {url}")
         raise failure
 
-    async def _send(self, method: str, url: str, body: object) -> tuple[int, str]:
-        async with self._session().request(method, url, json=body) as response:
+    async def _send(
+        self, method: str, url: str, body: object, headers: Mapping[str, str] | None = None
+    ) -> tuple[int, str]:
+        async with self._session().request(method, url, json=body, headers=headers) as response:
             return response.status, await response.text()
 
     def _session(self) -> aiohttp.ClientSession:
@@ -511,9 +532,12 @@ class Client:
         )
 
     def observe(
-        self, observations: Observation | Mapping[str, Any] | Sequence[Observation | Mapping]
+        self,
+        observations: Observation | Mapping[str, Any] | Sequence[Observation | Mapping],
+        *,
+        idempotency_key: str | None = None,
     ) -> ObserveResult:
-        return self._run(self._client.observe(observations))
+        return self._run(self._client.observe(observations, idempotency_key=idempotency_key))
 
     def user(self, user_id: Id) -> UserInfo:
         return self._run(self._client.user(user_id))
