@@ -152,13 +152,12 @@ class _Catalogue:
         out[model.backend.xp.asarray(np.flatnonzero(unknown))] = fold
         return out
 
-    def without(self, banned: set[str]) -> np.ndarray:
-        """Positions of the items not in ``banned``."""
+    def positions(self, keys: set[str]) -> np.ndarray:
+        """Positions of those of ``keys`` that are in the catalogue."""
         if self._positions is None:
             self._positions = {key: p for p, key in enumerate(self.keys)}
-        keep = np.ones(len(self.keys), dtype=bool)
-        keep[[self._positions[k] for k in banned if k in self._positions]] = False
-        return np.flatnonzero(keep)
+        found = [self._positions[key] for key in keys if key in self._positions]
+        return np.asarray(found, dtype=np.int64)
 
 
 class _Effects:
@@ -539,17 +538,16 @@ class OnlineModel:
             keys, rows = catalogue.keys, catalogue.rows
             f = catalogue.vectors(self)
             scores = self.biases.mean + self.biases.bias(catalogue.bias_rows)
-            if banned:
-                keep = catalogue.without(banned)
-                keys, rows, scores = [keys[p] for p in keep], rows[keep], scores[keep]
-                f = f[self.backend.xp.asarray(keep)]
+            dropped = catalogue.positions(banned)  # scored, then ranked last and cut
         else:
             keys = normalize_ids(candidates, "item")
             if banned:
                 keys = [key for key in keys if key not in banned]
             rows = self.features.lookup(keys)
             f, scores = self._item_terms(keys, rows)
-        if not keys:
+            dropped = np.empty(0, dtype=np.int64)
+        available = len(keys) - dropped.size
+        if not available:
             return Prediction([], np.empty(0), np.empty(0, dtype=bool))
         (user_key,) = normalize_ids([user], "user")
         w, P, _ = self._user_arrays(user_key)
@@ -560,7 +558,8 @@ class OnlineModel:
         if explore == "ucb":
             ranking = ranking + alpha * kernels.ucb_bonus(P[None], f)[0]
         scores = scores + self.backend.to_numpy(ranking)
-        top = min(k, len(keys))
+        scores[dropped] = -np.inf
+        top = min(k, available)
         best = np.argpartition(-scores, top - 1)[:top]
         best = best[np.argsort(-scores[best], kind="stable")]
         return Prediction([keys[i] for i in best], scores[best], rows[best] < 0)
