@@ -270,6 +270,11 @@ class OnlineStore:
         """Logged observations with sequence number greater than ``seq``, in order."""
         return _iterate_log(self._cf["log"], seq)
 
+    @property
+    def synced_seq(self) -> int:
+        """Every log record up to this sequence number is known to be on disk."""
+        return self._synced
+
     def receipt(self, key: str) -> Receipt | None:
         """What the request sent with idempotency ``key`` became, if it was committed."""
         stored = self._cf["meta"].get(_RECEIPT_PREFIX + key.encode())

@@ -334,6 +334,11 @@ async def _observe_once(state: Serving, key: str, raw: bytes, columns: tuple) ->
     if receipt is not None:
         if receipt.digest != digest:
             raise _key_reused(key)
+        if receipt.first + receipt.count - 1 > state.durable.store.synced_seq:
+            # Logged but not fsynced: the first attempt failed or was dropped mid-way.
+            raise RequestError(
+                503, "unavailable", "this request is logged but not yet known to be on disk; retry"
+            )
         return _replayed(_from_log(state, receipt))
     answer = asyncio.get_running_loop().create_future()
     state.idempotent[key] = (digest, answer)

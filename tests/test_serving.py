@@ -275,6 +275,26 @@ async def test_an_idempotency_key_applies_a_request_once_across_retries_and_rest
     assert gone.status == 410 and (await gone.json())["error"] == "gone"
 
 
+async def test_a_receipt_not_yet_on_disk_is_not_replayed_as_success(server):
+    """A first attempt logged but never fsynced (its answer failed) must not be confirmed."""
+    import hashlib
+
+    from feature_store.online import Receipt
+
+    raw = json.dumps({"user": "u2", "item": "i2", "rating": 4.0}).encode()
+    durable = server.app[STATE].durable
+    digest = hashlib.blake2b(raw, digest_size=16).digest()
+    durable.observe(["u2"], ["i2"], [4.0], sync=False, receipts=[Receipt("k1", digest, 0, 1)])
+    headers = {"Idempotency-Key": "k1"}
+    pending = await server.post("/observe", data=raw, headers=headers)
+    assert pending.status == 503 and (await pending.json())["error"] == "unavailable"
+    durable.sync_log()
+    replay = await server.post("/observe", data=raw, headers=headers)
+    assert replay.status == 200 and replay.headers["Idempotent-Replayed"] == "true"
+    assert (await replay.json())["seqs"] == [1]
+    assert durable.store.last_seq == 1
+
+
 async def test_a_request_that_would_miss_its_deadline_gets_the_prior_flagged(
     tmp_path, aiohttp_client
 ):
