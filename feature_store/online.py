@@ -124,6 +124,8 @@ class Receipt:
     key: str
     digest: bytes
     first: int
+    """Its first log record: a position in the batch when given to :meth:`OnlineStore.commit`,
+    a sequence number when read back by :meth:`OnlineStore.receipt`."""
     count: int
 
 
@@ -312,8 +314,8 @@ class OnlineStore:
         Not synced: the log rebuilds whatever a lost checkpoint held. User
         states are written ``CHECKPOINT_CHUNK`` at a time, other threads
         getting the GIL between writes (one write of every dirty user held
-        it, and stalled an event loop in this process, for tens of
-        milliseconds); the item states, the biases and the watermark follow
+        it, and stalled an event loop in this process, for the whole
+        write); the item states, the biases and the watermark follow
         in one last write, so they move together.
         """
         self._check_writable()

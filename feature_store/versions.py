@@ -91,8 +91,20 @@ def serve_version(
     if store_version(store) == version.name:
         return DurableModel(model, store, config.store)
     log.info("installing model %s into %s", version.name, store.path)
-    users = trained_users(artifacts, version.watermark, store.forgotten(artifacts.user_ids))
-    return DurableModel.install(model, store, users, version.watermark, config.store)
+    # The trained states hold the log up to the watermark; a store whose log ends before it
+    # (recreated, or another store's training) has nothing more: states count from its end,
+    # else later records would look already included and never be checkpointed.
+    covered = min(version.watermark, store.last_seq)
+    if covered < version.watermark:
+        log.warning(
+            "%s was trained up to log record %d but %s ends at %d",
+            version.name,
+            version.watermark,
+            store.path,
+            covered,
+        )
+    users = trained_users(artifacts, covered, store.forgotten(artifacts.user_ids))
+    return DurableModel.install(model, store, users, covered, config.store)
 
 
 def open_active(config: VeloxConfig, backend: Backend) -> tuple[DurableModel, ModelVersion]:

@@ -234,7 +234,10 @@ async def topk(request: web.Request) -> web.Response:
         )
 
     def fallback():
-        keys = candidates if candidates is not None else list(state.durable.model.features.item_ids)
+        model = state.durable.model
+        keys = (
+            candidates if candidates is not None else [*model.features.item_ids, *model.items.keys]
+        )
         keys = [k for k in keys if k not in exclude]
         ranked = _prior_scores(state.durable, keys)
         top = np.argsort(-ranked[1], kind="stable")[: body.k]
@@ -319,10 +322,12 @@ async def _observe_once(state: Serving, key: str, raw: bytes, columns: tuple) ->
     """An observe sent with an idempotency key: applied once, however often it is retried.
 
     The key's receipt (the body's digest and the log records it became) is
-    written with those records, so a retry after an answer that got lost,
-    a failed fsync or a crash gets the first answer again, flagged by an
-    ``Idempotent-Replayed`` header, instead of applying the observations
-    twice. A retry while the first is still in its batch waits for it.
+    written with those records, so a retry after an answer that got lost or
+    a crash gets the first answer again, flagged by an ``Idempotent-Replayed``
+    header, instead of applying the observations twice. A retry while the
+    first is still in its batch waits for it; one whose records are logged
+    but not yet fsynced (the first attempt failed mid-way) gets a 503 until
+    they are on disk (after a failed fsync: until the store is reopened).
     """
     digest = hashlib.blake2b(raw, digest_size=16).digest()
     running = state.idempotent.get(key)

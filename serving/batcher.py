@@ -194,13 +194,18 @@ class MicroBatcher:
                 if left <= 0:
                     break
                 await asyncio.sleep(left)
-            await self._apply_batch(*self._take())
+            batch, size = self._take()
+            if batch:
+                await self._apply_batch(batch, size)
 
     def _take(self) -> tuple[list[_Pending], int]:
-        """Whole requests from the front, up to the batch limit (at least one)."""
+        """Whole requests from the front, up to the batch limit; cancelled ones are dropped."""
         batch, size = [], 0
         while self._pending and size < self._limit:
             pending = self._pending.popleft()
+            if pending.future.cancelled():  # its handler is gone: nobody will be answered
+                self.waiting -= len(pending.columns[0])
+                continue
             batch.append(pending)
             size += len(pending.columns[0])
         return batch, size

@@ -133,3 +133,18 @@ async def test_a_closed_gate_holds_batches_until_it_stays_open():
     await request
     await batcher.close()
     assert log.batches == 1
+
+
+async def test_a_request_cancelled_before_its_batch_is_not_applied():
+    gate = asyncio.Event()
+    log = Log()
+    batcher = _batcher(log, gate=gate)
+    kept = asyncio.ensure_future(batcher.submit(["kept"], ["i"], [1.0], [0.0]))
+    await asyncio.sleep(0.01)  # the first batch waits at the gate with "kept"
+    dropped = asyncio.ensure_future(batcher.submit(["dropped"], ["i"], [1.0], [0.0]))
+    await asyncio.sleep(0)
+    dropped.cancel()  # e.g. its client went away; a retry may come with the same key
+    gate.set()
+    await kept
+    await batcher.close()
+    assert [user for user, *_ in log.applied] == ["kept"] and batcher.waiting == 0

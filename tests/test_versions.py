@@ -88,6 +88,24 @@ def test_switching_versions_reapplies_the_log_after_the_new_watermark(setup):
     reopened.close()
 
 
+def test_a_version_trained_past_the_logs_end_keeps_every_later_observation(setup):
+    """v2's watermark (40) is beyond this fresh store's log: nothing to skip, nothing lost."""
+    config, registry, table = setup
+    registry.activate(2)
+    durable, active = open_active(config, CPU)
+    assert active.name == "v2" and durable.store.last_seq == 0
+    batch = _stream(table, n=30)
+    durable.observe(*batch)
+    users = sorted(set(batch[0]))
+    before = durable.statistics(users)
+    durable.close()  # writes back: the observed users must look changed to the checkpoint
+    reopened, _ = open_active(config, CPU)
+    after = reopened.statistics(users)
+    for got, want in zip(after[:3], before[:3], strict=True):
+        np.testing.assert_array_equal(got, want)
+    reopened.close()
+
+
 def test_an_unfinished_install_is_redone(setup):
     config, registry, table = setup
     durable, _ = open_active(config, CPU)

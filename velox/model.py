@@ -137,20 +137,23 @@ class _Catalogue:
     bias_rows: np.ndarray
     _positions: dict[str, int] | None = None
     _features: Any = None
+    _folded: np.ndarray | None = None
 
     def vectors(self, model: OnlineModel) -> Any:
-        """Features of every item; the version's part is copied once, fold-ins every call."""
+        """Features of every item: the version's rows gathered once, fold-ins refreshed per call.
+
+        The fold-in rows are overwritten in place (callers hold the model lock and only
+        read the block), so no call copies the whole catalogue.
+        """
         if self._features is None:
             self._features = model.features.vectors(self.rows)
-        unknown = self.rows < 0
-        if not unknown.any():
-            return self._features
-        out = self._features.copy()
-        fold = model._item_vectors(
-            [self.keys[p] for p in np.flatnonzero(unknown)], self.rows[unknown]
-        )
-        out[model.backend.xp.asarray(np.flatnonzero(unknown))] = fold
-        return out
+            self._folded = np.flatnonzero(self.rows < 0)
+        if self._folded.size:
+            fold = model._item_vectors(
+                [self.keys[p] for p in self._folded], self.rows[self._folded]
+            )
+            self._features[model.backend.xp.asarray(self._folded)] = fold
+        return self._features
 
     def positions(self, keys: set[str]) -> np.ndarray:
         """Positions of those of ``keys`` that are in the catalogue."""
