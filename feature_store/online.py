@@ -10,8 +10,8 @@ Column families:
 * ``items``: the same for items folded in online (unknown to the model version);
 * ``rated``: ``user \0 item`` -> empty, for every logged pair, written with the
   log (what top-K excludes: the items a user already rated);
-* ``forgotten``: ids of deleted users, so installing a version trained
-  before the deletion does not bring them back;
+* ``forgotten``: ids of deleted users -> the log position of the deletion,
+  so installing a version trained before it does not bring them back;
 * ``meta``: the format version, the online biases, the checkpoint
   watermark (every state change up to it is in a checkpoint), the next
   sequence number when records were deleted from the log's end, the durable
@@ -430,15 +430,28 @@ class OnlineStore:
             batch.delete(user.encode(), self._handles["users"])
             prefix = user.encode() + b"\0"
             batch.delete_range(prefix, user.encode() + b"\1", self._handles["rated"])
-            batch.put(user.encode(), b"", self._handles["forgotten"])
+            batch.put(user.encode(), _seq_key(self._next_seq), self._handles["forgotten"])
             batch.put(_NEXT_SEQ_KEY, _seq_key(self._next_seq), self._handles["meta"])
             self._db.write(batch, self._sync)
         return removed
 
-    def forgotten(self, users: Sequence[str]) -> set[str]:
-        """Which of ``users`` were deleted with :meth:`delete_user`."""
+    def forgotten(self, users: Sequence[str], *, before: int | None = None) -> set[str]:
+        """Which of ``users`` were deleted with :meth:`delete_user`.
+
+        With ``before``: only those deleted after log position ``before`` (a
+        version trained up to there still holds what they asked to forget; one
+        trained later only holds what they did after the deletion).
+        """
         table = self._cf["forgotten"]
-        return {user for user in users if table.get(user.encode()) is not None}
+        found = set()
+        for user in users:
+            stored = table.get(user.encode())
+            if stored is None:
+                continue
+            deleted_at = int.from_bytes(stored, "big") if stored else None  # b"": unknown
+            if before is None or deleted_at is None or deleted_at > before:
+                found.add(user)
+        return found
 
     def counts(self) -> dict[str, int]:
         """Approximate number of entries per column family (RocksDB's estimate)."""

@@ -103,7 +103,8 @@ def serve_version(
             store.path,
             covered,
         )
-    users = trained_users(artifacts, covered, store.forgotten(artifacts.user_ids))
+    forgotten = store.forgotten(artifacts.user_ids, before=covered)
+    users = trained_users(artifacts, covered, forgotten)
     return DurableModel.install(model, store, users, covered, config.store)
 
 

@@ -136,3 +136,17 @@ def test_a_forgotten_user_stays_forgotten_when_a_version_is_installed_again(setu
     switched, _ = open_active(config, CPU)  # installs v2, trained before the deletion
     assert not switched.user_state(trained).known
     switched.close()
+
+
+def test_a_version_trained_after_a_deletion_keeps_the_users_later_state(setup):
+    config, registry, table = setup
+    durable, _ = open_active(config, CPU)
+    durable.observe(*_stream(table, n=10))  # log records 1-10
+    trained = str(registry.load(2).user_ids[0])
+    durable.delete_user(trained)  # at log position 11
+    durable.observe(*_stream(table, n=40, seed=4))  # up to 50: v2 (watermark 40) came later
+    durable.close()
+    registry.activate(2)
+    switched, _ = open_active(config, CPU)
+    assert switched.user_state(trained).known  # trained on what they did after the deletion
+    switched.close()
