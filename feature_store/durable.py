@@ -112,11 +112,7 @@ class DurableModel:
         """
         config = config or StoreConfig()
         store.begin_install(model.version)
-        keys, trained = users
-        for start in range(0, len(keys), _REPLAY_CHUNK):
-            part = slice(start, start + _REPLAY_CHUNK)
-            chunk = StateBatch(*(array[part] for array in _fields(trained)))
-            store.put_states("users", keys[part], chunk, config.state_dtype)
+        store.put_states("users", *users, config.state_dtype)
         durable = cls(model, store, config, recover=False)
         durable.reapplied = durable._reapply(watermark)
         durable._applied_seq = store.last_seq  # everything logged is in the states now
@@ -479,10 +475,6 @@ class DurableModel:
             log.info("recovered %d logged observations after checkpoint", replayed)
             self.flush()
         return replayed
-
-
-def _fields(states: StateBatch) -> tuple[np.ndarray, ...]:
-    return states.A, states.b, states.count, states.seq, states.updated
 
 
 class Busy(DataError):

@@ -83,6 +83,13 @@ def _pair_key(user: str, item: str) -> bytes:
     return user.encode() + b"\0" + item.encode()
 
 
+def _last_seq(log_family: rocksdict.Rdict) -> int:
+    """The newest sequence number in the log (0 when it is empty)."""
+    cursor = log_family.iter()
+    cursor.seek_to_last()
+    return int.from_bytes(cursor.key(), "big") if cursor.valid() else 0
+
+
 def _iterate_records(log_family: rocksdict.Rdict, seq: int) -> Iterator[tuple[int, bytes]]:
     cursor = log_family.iter()
     cursor.seek(_seq_key(seq + 1))
@@ -180,7 +187,7 @@ class OnlineStore:
         self._lock = threading.Lock()
         stored = self._cf["meta"].get(_NEXT_SEQ_KEY)
         self._next_seq = max(
-            self._last_logged() + 1,
+            _last_seq(self._cf["log"]) + 1,
             self.checkpoint_seq + 1,
             int.from_bytes(stored, "big") if stored is not None else 1,
         )
@@ -202,11 +209,6 @@ class OnlineStore:
                 f"store {self.path} was written by a newer Velox (format {stored[0]}, this one "
                 f"reads up to {FORMAT_VERSION}); upgrade Velox"
             )
-
-    def _last_logged(self) -> int:
-        cursor = self._cf["log"].iter()
-        cursor.seek_to_last()
-        return int.from_bytes(cursor.key(), "big") if cursor.valid() else 0
 
     def _check_writable(self) -> None:
         if self.read_only:
@@ -312,21 +314,14 @@ class OnlineStore:
         """Store states (``{"users": (ids, batch), "items": ...}``) and biases, covering ``upto``.
 
         Not synced: the log rebuilds whatever a lost checkpoint held. User
-        states are written ``CHECKPOINT_CHUNK`` at a time, other threads
-        getting the GIL between writes (one write of every dirty user held
-        it, and stalled an event loop in this process, for the whole
-        write); the item states, the biases and the watermark follow
-        in one last write, so they move together.
+        states go first through :meth:`put_states`, a few hundred per write
+        (one write of every dirty user held the GIL, and stalled an event loop
+        in this process, for the whole write); the item states, the biases
+        and the watermark follow in one last write, so they move together.
         """
         self._check_writable()
         if "users" in states:
-            keys, batch_states = states["users"]
-            for start in range(0, len(keys), CHECKPOINT_CHUNK):
-                part = slice(start, start + CHECKPOINT_CHUNK)
-                chunk = rocksdict.WriteBatch(raw_mode=True)
-                self._add_states(chunk, "users", keys[part], batch_states.take(part), dtype)
-                self._db.write(chunk)
-                time.sleep(0)  # a GIL hand-off point between chunks
+            self.put_states("users", *states["users"], dtype)
         batch = rocksdict.WriteBatch(raw_mode=True)
         if "items" in states:
             self._add_states(batch, "items", *states["items"], dtype)
@@ -362,11 +357,18 @@ class OnlineStore:
         self._db.write(batch, self._sync)
 
     def put_states(self, family: str, keys: Sequence[str], states: StateBatch, dtype: str) -> None:
-        """Write state checkpoints without moving the checkpoint watermark (used by installs)."""
+        """Write state checkpoints without moving the checkpoint watermark, not synced.
+
+        ``CHECKPOINT_CHUNK`` states per write, other threads getting the GIL
+        between writes (a write holds it throughout).
+        """
         self._check_writable()
-        batch = rocksdict.WriteBatch(raw_mode=True)
-        self._add_states(batch, family, keys, states, dtype)
-        self._db.write(batch)
+        for start in range(0, len(keys), CHECKPOINT_CHUNK):
+            part = slice(start, start + CHECKPOINT_CHUNK)
+            batch = rocksdict.WriteBatch(raw_mode=True)
+            self._add_states(batch, family, keys[part], states.take(part), dtype)
+            self._db.write(batch)
+            time.sleep(0)  # a GIL hand-off point between chunks
 
     def _add_states(
         self,
@@ -382,7 +384,7 @@ class OnlineStore:
 
     def rated(self, user: str) -> set[str]:
         """The items ``user`` has rated, as logged."""
-        prefix = user.encode() + b"\0"
+        prefix = _pair_key(user, "")
         cursor = self._cf["rated"].iter()
         cursor.seek(prefix)
         items = set()
@@ -428,8 +430,7 @@ class OnlineStore:
                     batch.delete(_seq_key(seq), self._handles["log"])
                     removed += 1
             batch.delete(user.encode(), self._handles["users"])
-            prefix = user.encode() + b"\0"
-            batch.delete_range(prefix, user.encode() + b"\1", self._handles["rated"])
+            batch.delete_range(_pair_key(user, ""), user.encode() + b"\1", self._handles["rated"])
             batch.put(user.encode(), _seq_key(self._next_seq), self._handles["forgotten"])
             batch.put(_NEXT_SEQ_KEY, _seq_key(self._next_seq), self._handles["meta"])
             self._db.write(batch, self._sync)
@@ -527,9 +528,7 @@ class LogReader:
         stored = self._db.get_column_family("meta").get(_SYNCED_KEY)
         if stored is not None:
             return int.from_bytes(stored, "big")
-        cursor = self._db.get_column_family("log").iter()  # a store only ever synced
-        cursor.seek_to_last()
-        return int.from_bytes(cursor.key(), "big") if cursor.valid() else 0
+        return _last_seq(self._db.get_column_family("log"))  # a store only ever synced
 
     def log_after(self, seq: int = 0) -> Iterator[tuple[int, Observation]]:
         """Durable logged observations after ``seq`` (up to :attr:`synced_seq`), in order."""

@@ -234,11 +234,8 @@ async def topk(request: web.Request) -> web.Response:
         )
 
     def fallback():
-        model = state.durable.model
-        keys = (
-            candidates if candidates is not None else [*model.features.item_ids, *model.items.keys]
-        )
-        keys = [k for k in keys if k not in exclude]
+        every = candidates if candidates is not None else state.durable.model.every_item()
+        keys = [k for k in every if k not in exclude]
         ranked = _prior_scores(state.durable, keys)
         top = np.argsort(-ranked[1], kind="stable")[: body.k]
         return [keys[i] for i in top], ranked[1][top], ranked[2][top]

@@ -218,40 +218,46 @@ class MicroBatcher:
 
     def _apply_now(self, batch: list[_Pending], size: int) -> None:
         columns = tuple([value for p in batch for value in p.columns[c]] for c in range(4))
-        tags, start = [], 0
-        for pending in batch:
-            n = len(pending.columns[0])
-            if pending.tag is not None:
-                tags.append((pending.tag, start, n))
-            start += n
+        parts = _parts(batch)
+        tags = [
+            (p.tag, part.start, part.stop - part.start) for p, part in parts if p.tag is not None
+        ]
         self.waiting -= size
         self._on_batch(size)
         try:
             result = self._apply(*columns, tags)
         except Exception as exc:  # every request of the batch gets the failure
             log.exception("applying a batch of %d observations failed", size)
-            _answer(batch, None, exc)
+            _answer(parts, None, exc)
             return
         if self._group is None:
-            _answer(batch, result, None)
+            _answer(parts, result, None)
             return
         durable = self._group.wait()  # answered once the log holds the batch durably
         self._syncing.add(durable)
         durable.add_done_callback(self._syncing.discard)
-        durable.add_done_callback(lambda done: _answer(batch, result, done.exception()))
+        durable.add_done_callback(lambda done: _answer(parts, result, done.exception()))
 
 
-def _answer(batch: list[_Pending], result: Any, failure: BaseException | None) -> None:
-    """Each request of the batch gets its slice of ``result``, or the failure."""
-    start = 0
+def _parts(batch: list[_Pending]) -> list[tuple[_Pending, slice]]:
+    """Each request with the slice of the batch its observations occupy."""
+    parts, start = [], 0
     for pending in batch:
-        n = len(pending.columns[0])
-        if not pending.future.done():
-            if failure is None:
-                pending.future.set_result((result, slice(start, start + n)))
-            else:
-                pending.future.set_exception(failure)
-        start += n
+        end = start + len(pending.columns[0])
+        parts.append((pending, slice(start, end)))
+        start = end
+    return parts
+
+
+def _answer(parts: list[tuple[_Pending, slice]], result: Any, failure: BaseException | None):
+    """Each request of the batch gets its slice of ``result``, or the failure."""
+    for pending, part in parts:
+        if pending.future.done():
+            continue
+        if failure is None:
+            pending.future.set_result((result, part))
+        else:
+            pending.future.set_exception(failure)
 
 
 class ReadBatcher:

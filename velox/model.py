@@ -300,6 +300,10 @@ class OnlineModel:
                 out[positions, xp.asarray(self._free)[None, :]] = self.items.w[folded[have]]
         return out
 
+    def every_item(self) -> list[str]:
+        """Every item the model can score: the version's, then those folded in online."""
+        return self._catalogue().keys
+
     def _catalogue(self) -> _Catalogue:
         """Every item, the version's then those folded in online, with its rows (cached).
 
