@@ -126,6 +126,12 @@ class Metrics:
             "velox_degraded_total", "Answers given by the prior because of the deadline, by route."
         )
         self.active = Gauge("velox_active_model", "1 for the model version being served.")
+        self.pointer = Gauge(
+            "velox_registry_active_model", "1 for the version the registry's pointer names."
+        )
+        self.lagging = Gauge(
+            "velox_model_lagging", "1 while the served version is not the registry's active one."
+        )
         self.prequential_sse = Counter(
             "velox_prequential_squared_error_total",
             "Sum of squared errors of predictions made just before each observation, by version.",
