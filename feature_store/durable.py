@@ -218,6 +218,23 @@ class DurableModel:
         distinct = list(dict.fromkeys(users))
         return self._locked(distinct, timeout, lambda: self.model.predict_many(users, item_lists))
 
+    def receipt(self, key: str) -> Receipt | None:
+        """What the observe request sent with idempotency ``key`` became, if it was logged."""
+        return self.store.receipt(key)
+
+    @property
+    def synced_seq(self) -> int:
+        """Every log record up to this sequence number is durable (a retry may be answered)."""
+        return self.store.synced_seq
+
+    def records(self, first: int, count: int) -> list[bytes] | None:
+        """The raw log records ``first .. first + count - 1``; None if any was deleted.
+
+        A retried request's first answer is rebuilt from them
+        (:func:`feature_store.codec.decode_log`).
+        """
+        return self.store.records(first, count)
+
     def rated(self, user: str) -> set[str]:
         """Items the user has rated (from the log's index), for top-K exclusion."""
         return self.store.rated(user)

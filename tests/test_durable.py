@@ -120,7 +120,7 @@ def test_recovered_states_equal_a_replay_of_the_whole_log(tmp_path, sync):
 
 def test_user_states_stored_ahead_of_the_watermark_are_not_replayed_twice(tmp_path, monkeypatch):
     """What a crash inside a checkpoint leaves: some user chunks written, not the watermark."""
-    monkeypatch.setattr("feature_store.online.CHECKPOINT_CHUNK", 4)  # several chunks
+    monkeypatch.setattr("feature_store.checkpoints.CHECKPOINT_CHUNK", 4)  # several chunks
     path = tmp_path / "db"
     durable = _open(path)
     for number, batch in enumerate(_batches(10, seed=5)):
