@@ -58,7 +58,7 @@ from serving.schemas import (
     decode,
 )
 from serving.state import STATE, Serving
-from serving.versions import VersionSwitch
+from serving.versions import FOLLOW_SECONDS, VersionSwitch
 from velox import kernels
 from velox.backend import get_backend
 from velox.config import VeloxConfig
@@ -322,25 +322,39 @@ async def _observe_ctx(app: web.Application):
     await state.observations.close()
 
 
-async def _follow_ctx(app: web.Application):
-    """Follow the registry's pointer; stopped before the observe path drains."""
-    follower = asyncio.get_running_loop().create_task(
-        app[STATE].versions.follow(), name="velox-follow-pointer"
-    )
-    yield
-    follower.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await follower
+def _follow_ctx(every: float | None):
+    """Follow the registry's pointer every ``every`` seconds (None: only when asked)."""
+
+    async def follow(app: web.Application):
+        if every is None:
+            yield
+            return
+        follower = asyncio.get_running_loop().create_task(
+            app[STATE].versions.follow(every), name="velox-follow-pointer"
+        )
+        yield
+        follower.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await follower
+
+    return follow
 
 
-def create_app(config: VeloxConfig) -> web.Application:
-    """The serving application for ``config`` (the model loads when the app starts)."""
+def create_app(
+    config: VeloxConfig, *, follow_every: float | None = FOLLOW_SECONDS
+) -> web.Application:
+    """The serving application for ``config`` (the model loads when the app starts).
+
+    The server reads the registry's pointer every ``follow_every`` seconds and
+    switches when it moved; with None it switches only through its own route
+    (tests that move the pointer themselves call :meth:`VersionSwitch.check`).
+    """
     app = web.Application(client_max_size=config.serve.max_body_bytes)
     app[CONFIG] = config
     app[LIMITS] = config.serve
     app[METRICS] = Metrics()
     app.cleanup_ctx.append(_model_ctx)
     app.cleanup_ctx.append(_observe_ctx)
-    app.cleanup_ctx.append(_follow_ctx)
+    app.cleanup_ctx.append(_follow_ctx(follow_every))
     add_routes(app.router, ROUTES)
     return app

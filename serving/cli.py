@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import argparse
 import logging
+import socket
 
 from aiohttp import web
 
 from feature_store.layout import DataLayout
-from feature_store.registry import ModelArtifacts, ModelRegistry
+from feature_store.registry import ModelRegistry
 from velox.als import ALSParams, Ratings, train_als
 from velox.config import VeloxConfig, load_config
 from velox.datasets import SyntheticSpec, synthesize
@@ -26,7 +27,9 @@ def register(commands: argparse._SubParsersAction) -> None:
     """Add ``velox serve`` to the command line."""
     serve = commands.add_parser("serve", help="serve predictions and learn online over HTTP")
     serve.add_argument("--host", help="address to listen on (serve.host)")
-    serve.add_argument("--port", type=int, help="port to listen on (serve.port)")
+    serve.add_argument(
+        "--port", type=int, help="port to listen on (serve.port); 0: any free port, printed"
+    )
     serve.add_argument(
         "--bootstrap",
         action="store_true",
@@ -42,28 +45,30 @@ def bootstrap(config: VeloxConfig) -> None:
         return
     spec = SyntheticSpec(seed=config.train.seed)
     print(f"no active model: training one on {spec.ratings:,} synthetic ratings (--bootstrap)")
-    params = ALSParams(rank=config.train.rank, iterations=config.train.iterations)
-    result = train_als(Ratings.from_table(synthesize(spec)), params)
+    params = ALSParams.from_config(config.train)
+    trained = train_als(Ratings.from_table(synthesize(spec)), params)
     with registry.building(
         engine="velox", watermark=0, parameters={"bootstrap": True}, mode="single"
     ) as version:
-        registry.write_artifacts(version.number, ModelArtifacts.from_als(result))
-        registry.mark_ready(version.number, metrics={"train_rmse": result.train_rmse})
+        registry.write_artifacts(version.number, trained)
+        registry.mark_ready(version.number, metrics={"train_rmse": trained.train_rmse})
     registry.activate(version.number)
 
 
 def _serve(args: argparse.Namespace, config: VeloxConfig) -> None:
     from serving.app import create_app
 
-    flags = [f"serve.{k}={v}" for k, v in (("host", args.host), ("port", args.port)) if v]
+    given = (("host", args.host), ("port", args.port))
+    flags = [f"serve.{name}={value}" for name, value in given if value is not None]
     if flags:
         config = load_config(args.config, overrides=[*args.overrides, *flags])
     if args.bootstrap:
         bootstrap(config)
+    # Bound here, so that port 0 (any free port) prints the port it got.
+    sock = socket.create_server((config.serve.host, config.serve.port))
     web.run_app(
         create_app(config),
-        host=config.serve.host,
-        port=config.serve.port,
+        sock=sock,
         print=lambda text: print(text, flush=True),
         access_log=log if args.verbose else None,
         shutdown_timeout=30,

@@ -64,10 +64,10 @@ class VersionSwitch:
             self.pointer = version.name
             self._report()
 
-    async def follow(self) -> None:
-        """Read the pointer every :data:`FOLLOW_SECONDS` and switch to what it names."""
+    async def follow(self, every: float = FOLLOW_SECONDS) -> None:
+        """Read the pointer every ``every`` seconds and switch to what it names."""
         while True:
-            await asyncio.sleep(FOLLOW_SECONDS)
+            await asyncio.sleep(every)
             await self.check()
 
     async def check(self) -> None:

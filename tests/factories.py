@@ -19,7 +19,7 @@ def small_model(rank: int = 3, items: int = 20, version: str = "v7", **config) -
         global_mean=3.5,
         item_bias=rng.normal(0, 0.3, items),
         train_count=1000,
-        config=ModelConfig(rank=rank, **config),
+        config=ModelConfig(**config),
     )
 
 
@@ -43,17 +43,93 @@ def applied(users, items, ratings, timestamps, version: str = "v1") -> Applied:
     )
 
 
-def served_model(registry, number: int, config) -> OnlineModel:
-    """A registry version's model with every trained user loaded: what serving must equal."""
-    from feature_store.versions import model_of
-    from velox.backend import CPU
+class RidgeReference:
+    """A version's scores and user states by the formulas of DESIGN.md section 3, with NumPy.
 
-    artifacts = registry.load(number)
-    model = model_of(artifacts, registry.get(number).name, config, CPU)
-    model.users.load(
-        [str(u) for u in artifacts.user_ids],
-        artifacts.user_gram,
-        artifacts.user_rhs,
-        artifacts.user_count,
-    )
-    return model
+    The expected values of the serving tests, computed independently of the
+    serving code from the version's artifacts alone: ``w_u = solve(A_u, b_u)``,
+    ``f(i) = [v_i, 1]`` (``[0, ..., 0, 1]`` for an item the version does not
+    know), ``score = mu + b_i + w_u . f(i)``; a new user starts at
+    ``A = lambda I``, ``b = lambda w0`` with ``w0`` the trained users' mean
+    weights. :meth:`observe` applies one observation as section 3 and
+    :mod:`velox.biases` state it (forgetting factor 1).
+
+    >>> from types import SimpleNamespace
+    >>> trained = SimpleNamespace(
+    ...     item_ids=["a"], item_factors=np.array([[1.0]]), item_bias=[0.5], global_mean=3.0,
+    ...     train_count=10, user_ids=["u"], user_gram=[2 * np.eye(2)],
+    ...     user_rhs=[np.array([2.0, 1.0])], user_count=[4])
+    >>> RidgeReference(trained, ModelConfig()).predict("u", ["a", "new"]).tolist()
+    [5.0, 3.5]
+    """
+
+    def __init__(self, trained, config: ModelConfig) -> None:
+        self.lam, self.bias_lam = config.regularization, config.bias_regularization
+        self.d = trained.item_factors.shape[1] + 1
+        self.factors = {
+            str(i): np.append(v, 1.0)
+            for i, v in zip(trained.item_ids, trained.item_factors, strict=True)
+        }
+        self.trained_bias = {
+            str(i): b for i, b in zip(trained.item_ids, trained.item_bias, strict=True)
+        }
+        self.bias_sum: dict[str, float] = {}
+        self.bias_count: dict[str, int] = {}
+        self.mean_sum = trained.global_mean * trained.train_count
+        self.mean_count = float(trained.train_count)
+        self.A = {
+            str(u): np.array(g) for u, g in zip(trained.user_ids, trained.user_gram, strict=True)
+        }
+        self.b = {
+            str(u): np.array(r) for u, r in zip(trained.user_ids, trained.user_rhs, strict=True)
+        }
+        self.count = {
+            str(u): int(n) for u, n in zip(trained.user_ids, trained.user_count, strict=True)
+        }
+        weights = [np.linalg.solve(self.A[u], self.b[u]) for u in self.A]
+        self.w0 = np.mean(weights, axis=0) if config.prior == "mean" else np.zeros(self.d)
+
+    @classmethod
+    def of(cls, registry, number: int, config) -> RidgeReference:
+        """The reference of a registry version under ``config`` (a :class:`VeloxConfig`)."""
+        return cls(registry.load(number), config.model)
+
+    @property
+    def mean(self) -> float:
+        return self.mean_sum / self.mean_count
+
+    def features(self, item: str) -> np.ndarray:
+        return self.factors.get(item, np.eye(self.d)[-1])
+
+    def bias(self, item: str) -> float:
+        prior = self.trained_bias.get(item, 0.0)
+        total, n = self.bias_sum.get(item, 0.0), self.bias_count.get(item, 0)
+        return (self.bias_lam * prior + total) / (self.bias_lam + n) if n else prior
+
+    def state(self, user: str) -> tuple[np.ndarray, np.ndarray, int]:
+        """``(A_u, b_u, observations)``; the prior's for a user never seen."""
+        if user in self.A:
+            return self.A[user], self.b[user], self.count[user]
+        return self.lam * np.eye(self.d), self.lam * self.w0, 0
+
+    def weights(self, user: str) -> np.ndarray:
+        A, b, _ = self.state(user)
+        return np.linalg.solve(A, b)
+
+    def predict(self, user: str, items: list[str]) -> np.ndarray:
+        w = self.weights(user)
+        return np.array([self.mean + self.bias(i) + w @ self.features(i) for i in items])
+
+    def observe(self, user: str, item: str, rating: float) -> float:
+        """Apply one observation; the prediction made just before it."""
+        A, b, n = self.state(user)
+        f, w = self.features(item), self.weights(user)
+        before = self.mean + self.bias(item) + w @ f
+        target = rating - self.mean - self.bias(item)
+        residual = rating - self.mean - w @ f
+        self.A[user], self.b[user], self.count[user] = A + np.outer(f, f), b + target * f, n + 1
+        self.mean_sum += rating
+        self.mean_count += 1
+        self.bias_sum[item] = self.bias_sum.get(item, 0.0) + residual
+        self.bias_count[item] = self.bias_count.get(item, 0) + 1
+        return before

@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 
 import numpy as np
 import pytest
 
 from feature_store.layout import DataLayout
 from feature_store.online import OnlineStore
-from feature_store.registry import ModelArtifacts, ModelRegistry
+from feature_store.registry import ModelRegistry
 from serving.app import STATE, create_app
-from tests.factories import served_model
+from tests.factories import RidgeReference
 from velox.als import ALSParams, Ratings, train_als
 from velox.config import load_config
 from velox.datasets import SyntheticSpec, synthesize
@@ -25,7 +26,7 @@ def _publish(root, seeds=(0,), watermark=0):
     for seed in seeds:
         result = train_als(Ratings.from_table(table), ALSParams(rank=3, iterations=3, seed=seed))
         with registry.building(engine="velox", watermark=watermark) as version:
-            registry.write_artifacts(version.number, ModelArtifacts.from_als(result))
+            registry.write_artifacts(version.number, result)
     registry.activate(1)
     return registry
 
@@ -46,7 +47,7 @@ def _config(root, *settings):
 async def server(tmp_path, aiohttp_client):
     registry = _publish(tmp_path, seeds=(0, 1))
     config = _config(tmp_path)
-    client = await aiohttp_client(create_app(config))
+    client = await aiohttp_client(create_app(config, follow_every=None))  # the tests move it
     client.registry, client.config = registry, config
     return client
 
@@ -56,19 +57,19 @@ async def _post(client, path, body, **headers):
     return response.status, await response.json()
 
 
-async def test_predictions_equal_the_model_maths(server):
-    reference = served_model(server.registry, 1, server.config)
+async def test_predictions_equal_a_direct_ridge_solve(server):
+    reference = RidgeReference.of(server.registry, 1, server.config)
     items = ["i1", "i2", "i29", "never-rated"]
     for user in ("u3", "stranger"):
         status, body = await _post(server, "/predict", {"user": user, "items": items})
         assert status == 200 and body["version"] == "v1" and not body["degraded"]
-        want = reference.predict(user, items)
-        np.testing.assert_allclose([i["score"] for i in body["items"]], want.scores, rtol=1e-12)
+        got = [i["score"] for i in body["items"]]
+        np.testing.assert_allclose(got, reference.predict(user, items), rtol=1e-10)
         assert [i["cold"] for i in body["items"]] == [False, False, False, True]
 
 
-async def test_an_observe_changes_the_next_prediction_as_the_kernels_say(server):
-    reference = served_model(server.registry, 1, server.config)
+async def test_an_observe_changes_the_next_prediction_as_the_ridge_update_says(server):
+    reference = RidgeReference.of(server.registry, 1, server.config)
     status, body = await _post(
         server,
         "/observe",
@@ -78,34 +79,55 @@ async def test_an_observe_changes_the_next_prediction_as_the_kernels_say(server)
         ],
     )
     assert status == 200 and body["accepted"] == 2 and body["seqs"] == [1, 2]
-    applied = reference.observe_many(["u3", "u3"], ["i1", "brand-new"], [5.0, 1.0], [100.0, 101.0])
-    np.testing.assert_allclose(body["predictions"], applied.predictions, rtol=1e-12)
+    want = [reference.observe("u3", "i1", 5.0), reference.observe("u3", "brand-new", 1.0)]
+    np.testing.assert_allclose(body["predictions"], want, rtol=1e-10)
     assert body["cold"] == [False, True]
-    _, after = await _post(server, "/predict", {"user": "u3", "items": ["i1", "i2", "brand-new"]})
-    want = reference.predict("u3", ["i1", "i2", "brand-new"]).scores
-    np.testing.assert_allclose([i["score"] for i in after["items"]], want, rtol=1e-10)
+    _, after = await _post(server, "/predict", {"user": "u3", "items": ["i1", "i2", "i29"]})
+    np.testing.assert_allclose(
+        [i["score"] for i in after["items"]],
+        reference.predict("u3", ["i1", "i2", "i29"]),
+        rtol=1e-10,
+    )
     user = await (await server.get("/users/u3")).json()
-    assert user["known"] and user["observations"] == reference.user_state("u3").observations
+    np.testing.assert_allclose(user["weights"], reference.weights("u3"), rtol=1e-9)
+    assert user["known"] and user["observations"] == reference.state("u3")[2]
 
 
-async def test_topk_is_sorted_respects_candidates_and_exclusion_and_explores_on_request(server):
-    await _post(server, "/observe", {"user": "u4", "item": "i7", "rating": 5.0})
-    _, top = await _post(server, "/topk", {"user": "u4", "k": 5})
-    scores = [i["score"] for i in top["items"]]
-    assert scores == sorted(scores, reverse=True) and len(scores) == 5
-    assert "i7" not in [i["item"] for i in top["items"]]  # rated, so excluded
-    _, full = await _post(server, "/topk", {"user": "u4", "k": 30, "include_rated": True})
-    assert "i7" in [i["item"] for i in full["items"]]
-    _, some = await _post(server, "/topk", {"user": "u4", "k": 2, "candidates": ["i1", "i2", "i3"]})
-    assert {i["item"] for i in some["items"]} <= {"i1", "i2", "i3"} and len(some["items"]) == 2
-    _, plain = await _post(
-        server, "/predict", {"user": "u4", "items": [i["item"] for i in top["items"]]}
+def _ranking(reference: RidgeReference, user: str, items: list[str], k: int, alpha: float = 0.0):
+    """The ``k`` best of ``items`` by score plus ``alpha`` times the score's standard deviation."""
+    A, _, _ = reference.state(user)
+    P = np.linalg.inv(A)
+    scores = reference.predict(user, items) + alpha * np.array(
+        [np.sqrt(reference.features(i) @ P @ reference.features(i)) for i in items]
     )
-    assert [i["score"] for i in plain["items"]] == pytest.approx(scores, rel=1e-12)  # no exploring
-    _, ucb = await _post(server, "/topk", {"user": "u4", "k": 5, "explore": "ucb", "alpha": 2.0})
-    assert all(
-        e["score"] > p["score"] for e, p in zip(ucb["items"][:1], top["items"][:1], strict=True)
-    )
+    top = np.argsort(-scores, kind="stable")[:k]
+    return [items[i] for i in top], scores[top]
+
+
+async def _top(server, **body):
+    _, answer = await _post(server, "/topk", body)
+    assert not answer["degraded"]
+    return [i["item"] for i in answer["items"]], [i["score"] for i in answer["items"]]
+
+
+async def test_topk_ranks_like_a_direct_solve_with_candidates_exclusion_and_exploration(server):
+    await _post(server, "/observe", {"user": "u4", "item": "i7", "rating": 5.0, "ts": 1.0})
+    reference = RidgeReference.of(server.registry, 1, server.config)
+    reference.observe("u4", "i7", 5.0)
+    catalogue = [f"i{j}" for j in range(30)]
+    unrated = [i for i in catalogue if i != "i7"]
+    for body, items, alpha in (
+        ({"k": 5}, unrated, 0.0),  # rated items are excluded
+        ({"k": 30, "include_rated": True}, catalogue, 0.0),
+        ({"k": 2, "candidates": ["i1", "i2", "i3"]}, ["i1", "i2", "i3"], 0.0),
+        ({"k": 5, "explore": "ucb", "alpha": 2.0}, unrated, 2.0),
+    ):
+        ranked, scores = await _top(server, user="u4", **body)
+        want_items, want_scores = _ranking(reference, "u4", items, body["k"], alpha)
+        assert ranked == want_items, body
+        np.testing.assert_allclose(scores, want_scores, rtol=1e-10)
+    sampled, _ = await _top(server, user="u4", k=5, explore="thompson", alpha=0.5)
+    assert len(set(sampled)) == 5 and set(sampled) <= set(unrated)
 
 
 BAD = [
@@ -203,12 +225,13 @@ async def test_concurrent_observes_of_one_user_equal_applying_them_one_by_one(se
     )
     seqs = [body["seqs"][0] for _, body in answers]
     assert sorted(seqs) == list(range(1, 61))
-    reference = served_model(server.registry, 1, server.config)
+    reference = RidgeReference.of(server.registry, 1, server.config)
     for n in np.argsort(seqs):  # one at a time, in the order the log holds them
-        reference.observe_many(["u9"], [items[n]], [ratings[n]], [float(n)])
+        predicted = reference.observe("u9", items[n], ratings[n])
+        assert answers[n][1]["predictions"][0] == pytest.approx(predicted, rel=1e-9)
     got = await (await server.get("/users/u9")).json()
-    np.testing.assert_allclose(got["weights"], reference.user_state("u9").weights, rtol=1e-9)
-    assert got["observations"] == reference.user_state("u9").observations
+    np.testing.assert_allclose(got["weights"], reference.weights("u9"), rtol=1e-9)
+    assert got["observations"] == reference.state("u9")[2]
 
 
 async def test_activation_switches_versions_live_and_keeps_every_observation(server):
@@ -217,14 +240,12 @@ async def test_activation_switches_versions_live_and_keeps_every_observation(ser
     assert status == 200 and body == {"active": "v2"}
     models = await (await server.get("/models")).json()
     assert models["active"] == "v2" and models["serving"] == "v2"
-    reference = served_model(server.registry, 2, server.config)
-    reference.observe_many(["u2"], ["i3"], [2.0], [5.0])  # the log after v2's watermark, again
+    reference = RidgeReference.of(server.registry, 2, server.config)
+    reference.observe("u2", "i3", 2.0)  # the log after v2's watermark, again
     _, after = await _post(server, "/predict", {"user": "u2", "items": ["i1", "i3"]})
     assert after["version"] == "v2"
     np.testing.assert_allclose(
-        [i["score"] for i in after["items"]],
-        reference.predict("u2", ["i1", "i3"]).scores,
-        rtol=1e-10,
+        [i["score"] for i in after["items"]], reference.predict("u2", ["i1", "i3"]), rtol=1e-10
     )
     assert (await _post(server, "/models/v9/activate", {}))[0] == 404
     assert (await _post(server, "/models/latest/activate", {}))[0] == 404
@@ -366,3 +387,44 @@ async def test_the_python_client_against_the_real_server(server):
         with pytest.raises(VeloxAPIError, match="k must be 1 to 1000") as caught:
             await client.topk("u3", 0)
         assert caught.value.status == 422 and caught.value.code == "validation_error"
+
+
+async def test_reads_while_a_switch_or_deletion_holds_the_model_are_degraded_and_counted(server):
+    state = server.app[STATE]
+    release = threading.Event()
+    holding = asyncio.ensure_future(state.gate.exclusive(release.wait))  # as a switch does
+    await asyncio.sleep(0)  # the gate closes when the job starts
+    try:
+        _, scores = await _post(server, "/predict", {"user": "u3", "items": ["i1", "i2"]})
+        _, top = await _post(server, "/topk", {"user": "u3", "k": 3})
+    finally:
+        release.set()
+        await holding
+    assert scores["degraded"] and top["degraded"] and len(top["items"]) == 3
+    reference = RidgeReference.of(server.registry, 1, server.config)
+    prior = [reference.mean + reference.bias(i) for i in ("i1", "i2")]
+    np.testing.assert_allclose([i["score"] for i in scores["items"]], prior, rtol=1e-12)
+    text = await (await server.get("/metrics")).text()
+    assert 'velox_degraded_total{route="/predict"} 1' in text
+    assert 'velox_degraded_total{route="/topk"} 1' in text
+    _, again = await _post(server, "/topk", {"user": "u3", "k": 3})
+    assert not again["degraded"]
+
+
+async def test_the_server_follows_the_registrys_pointer_and_says_when_it_lags(server):
+    server.registry.activate(2)  # as `velox models activate 2` in another process does
+    models = await (await server.get("/models")).json()
+    assert (models["active"], models["serving"], models["lagging"]) == ("v2", "v1", True)
+    await server.app[STATE].versions.check()  # what the follower does every second
+    models = await (await server.get("/models")).json()
+    assert (models["active"], models["serving"], models["lagging"]) == ("v2", "v2", False)
+    text = await (await server.get("/metrics")).text()
+    for line in (
+        'velox_active_model{version="v2"} 1',
+        'velox_registry_active_model{version="v2"} 1',
+        "velox_model_lagging 0",
+    ):
+        assert line in text, line
+    assert 'velox_active_model{version="v1"}' not in text
+    _, scores = await _post(server, "/predict", {"user": "u2", "items": ["i1"]})
+    assert scores["version"] == "v2"
