@@ -20,7 +20,7 @@ import numpy as np
 
 from feature_store.codec import decode_log
 from feature_store.durable import Replaced
-from feature_store.online import Receipt
+from feature_store.receipts import Receipt
 from serving.batcher import Closed, MicroBatcher
 from serving.schemas import RequestError
 from serving.state import Serving
@@ -76,11 +76,11 @@ class Observations:
                 raise _key_reused(key)
             return await asyncio.shield(running[1]), True
         durable = self._state.durable
-        receipt = durable.store.receipt(key)
+        receipt = durable.receipt(key)
         if receipt is not None:
             if receipt.digest != digest:
                 raise _key_reused(key)
-            if receipt.first + receipt.count - 1 > durable.store.synced_seq:
+            if receipt.first + receipt.count - 1 > durable.synced_seq:
                 raise RequestError(
                     503,
                     "unavailable",
@@ -120,7 +120,7 @@ class Observations:
 
     def _from_log(self, receipt: Receipt) -> dict:
         """The first answer to an idempotent request, rebuilt from its log records."""
-        records = self._state.durable.store.records(receipt.first, receipt.count)
+        records = self._state.durable.records(receipt.first, receipt.count)
         if records is None:
             raise RequestError(
                 410, "gone", "the observations of this request were deleted with their user"
