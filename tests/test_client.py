@@ -1,181 +1,195 @@
-"""The client against a real aiohttp server on 127.0.0.1 that stubs the API's shapes.
+"""The client against the real server: ``create_app`` on 127.0.0.1 over a bootstrapped version.
 
-The stub counts hits per route, records the client's port and the headers and
-bodies it was sent, and can answer 503 a given number of times, so retries,
-connection reuse and quoting are checked on the wire, not on mocks.
+Every answer the client parses comes from the real application, serving a
+version trained the way ``velox serve --bootstrap`` trains one. A middleware
+added to that application (:class:`Wire`) keeps what went over the wire (the
+path as sent, headers, request body, the client's port, the JSON answered),
+so the typed results are compared field by field and type for type with what
+the server sent, and retries, quoting and connection reuse are seen on the wire.
+
+The same middleware injects the faults the real server cannot be made to
+produce on demand; only those answers are not the server's own: a 503 (of
+the server's error shape) on a chosen request, a 500 with a plain-text body
+(a proxy's), a connection reset, an answer that never comes. An answer of
+another shape (another server version) comes from a separate one-route app.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 import socket
+import subprocess
+import sys
 import threading
 import time
-from collections import Counter
+from collections import Counter, defaultdict, deque
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
 
 import pytest
 from aiohttp import web
 
+from serving.app import create_app
+from serving.cli import bootstrap
 from velox.client import (
     AsyncClient,
     Client,
-    Deleted,
-    ModelInfo,
-    Models,
     Observation,
-    ObserveResult,
-    ScoredItem,
-    Scores,
-    UserInfo,
     VeloxAPIError,
     VeloxConnectionError,
 )
+from velox.config import VeloxConfig, load_config
 from velox.errors import InputError, VeloxError
 
+RANK = 3
 
-class Stub:
-    """A stand-in for the server: the response shapes, an optional token, injected 503s."""
 
-    def __init__(self, token: str | None = None) -> None:
-        self.token = token
-        self.ready = True
-        self.hits: Counter[str] = Counter()
-        self.ports: set[int] = set()
-        self.unavailable: Counter[str] = Counter()
-        """Route -> how many more times to answer 503."""
-        self.seen: list[dict] = []
-        """Per request: path, raw path, match info, Authorization header, JSON body."""
+@dataclass
+class Exchange:
+    """One request as the server received it, and its answer."""
 
-    def app(self) -> web.Application:
-        app = web.Application(middlewares=[self._record])
-        app.router.add_post("/predict", self._predict)
-        app.router.add_post("/topk", self._topk)
-        app.router.add_post("/observe", self._observe)
-        app.router.add_get("/users/{user}", self._user)
-        app.router.add_delete("/users/{user}", self._delete)
-        app.router.add_get("/models", self._models)
-        app.router.add_post("/models/{version}/activate", self._activate)
-        app.router.add_get("/healthz", self._healthz)
-        app.router.add_get("/readyz", self._readyz)
-        return app
+    route: str
+    raw_path: str
+    match: dict[str, str]
+    auth: str | None
+    key: str | None
+    body: object
+    port: int
+    at: float
+    status: int = 0
+    answer: object = None
+
+
+class Wire:
+    """A middleware for the real app: records every exchange, injects the faults asked for.
+
+    ``fail(route, fault, ...)`` makes the route's next requests meet those
+    faults in order; later requests reach the real handler.
+    """
+
+    def __init__(self) -> None:
+        self.seen: list[Exchange] = []
+        self.faults: defaultdict[str, deque[str]] = defaultdict(deque)
+        self.release = asyncio.Event()
+        """Set when the test ends, so that a request held by a "hang" fault finishes."""
+
+    def fail(self, route: str, *faults: str) -> None:
+        self.faults[route].extend(faults)
+
+    @property
+    def hits(self) -> Counter[str]:
+        return Counter(exchange.route for exchange in self.seen)
+
+    @property
+    def ports(self) -> set[int]:
+        return {exchange.port for exchange in self.seen}
 
     @web.middleware
-    async def _record(self, request: web.Request, handler):
-        route = request.match_info.route.resource.canonical
-        self.hits[route] += 1
-        self.ports.add(request.transport.get_extra_info("peername")[1])
-        header = request.headers.get("Authorization")
-        body = json.loads(await request.read() or "null")
-        self.seen.append(
-            {
-                "path": request.path,
-                "raw_path": request.raw_path,
-                "match": dict(request.match_info),
-                "auth": header,
-                "key": request.headers.get("Idempotency-Key"),
-                "body": body,
-                "at": time.monotonic(),
-            }
+    async def record(self, request: web.Request, handler) -> web.StreamResponse:
+        raw = await request.read()
+        exchange = Exchange(
+            route=request.match_info.route.resource.canonical,
+            raw_path=request.raw_path,
+            match=dict(request.match_info),
+            auth=request.headers.get("Authorization"),
+            key=request.headers.get("Idempotency-Key"),
+            body=json.loads(raw) if raw else None,
+            port=request.transport.get_extra_info("peername")[1],
+            at=time.monotonic(),
         )
-        if self.token and header != f"Bearer {self.token}":
-            return _error(401, "unauthorized", "the bearer token is not valid")
-        if self.unavailable[route] > 0:
-            self.unavailable[route] -= 1
-            return _error(503, "unavailable", "the model is being swapped")
-        return await handler(request)
+        self.seen.append(exchange)
+        faults = self.faults[exchange.route]
+        response = await self._fault(request, faults.popleft()) if faults else None
+        if response is None:
+            response = await handler(request)
+        exchange.status = response.status
+        if response.content_type == "application/json":
+            exchange.answer = json.loads(response.body)
+        return response
 
-    async def _predict(self, request: web.Request) -> web.Response:
-        body = await request.json()
-        if body["user"] == "plain":
+    async def _fault(self, request: web.Request, fault: str) -> web.Response | None:
+        if fault == "unavailable":  # the server's own 503 shape
+            body = {"error": "unavailable", "message": "the model is not loaded yet"}
+            return web.json_response(body, status=503)
+        if fault == "plain":  # a proxy's error page
             return web.Response(status=500, text="boom")
-        if body["user"] == "slow":
-            await asyncio.sleep(0.3)
-        if not body["items"]:
-            return _error(422, "validation_error", "items must not be empty")
-        return web.json_response(_scores(body["user"], body["items"]))
-
-    async def _topk(self, request: web.Request) -> web.Response:
-        body = await request.json()
-        pool = body.get("candidates") or ["i1", "i2", "i3", "new4"]
-        answer = _scores(body["user"], pool[: body["k"]])
-        return web.json_response({**answer, "explore": body["explore"]})
-
-    async def _observe(self, request: web.Request) -> web.Response:
-        body = await request.json()
-        batch = body if isinstance(body, list) else [body]
-        return web.json_response(
-            {
-                "accepted": len(batch),
-                "seqs": list(range(10, 10 + len(batch))),
-                "predictions": [o["rating"] - 0.5 for o in batch],
-                "cold": [o["item"].startswith("new") for o in batch],
-            }
-        )
-
-    async def _user(self, request: web.Request) -> web.Response:
-        user = request.match_info["user"]
-        if user == "ghost":
-            return _error(404, "not_found", "no user 'ghost'")
-        return web.json_response(
-            {
-                "user": user,
-                "known": True,
-                "observations": 3,
-                "version": "v2",
-                "last_update": 1700000000.5,
-                "weights": [0.25, -1, 2],
-            }
-        )
-
-    async def _delete(self, request: web.Request) -> web.Response:
-        user = request.match_info["user"]
-        return web.json_response(
-            {"user": user, "deleted": True, "log_records": 4, "offline_rows": 7}
-        )
-
-    async def _models(self, request: web.Request) -> web.Response:
-        version = {
-            "version": "v2",
-            "state": "active",
-            "created": "2026-01-02T03:04:05Z",
-            "engine": "velox",
-            "mode": "full",
-            "watermark": 41,
-            "metrics": {"rmse": 0.9, "count": 12},
-        }
-        return web.json_response({"active": "v2", "serving": "v2", "versions": [version]})
-
-    async def _activate(self, request: web.Request) -> web.Response:
-        version = request.match_info["version"]
-        if version == "v9":
-            return _error(409, "conflict", "v9 is failed; only a ready version can serve")
-        return web.json_response({"active": version})
-
-    async def _healthz(self, request: web.Request) -> web.Response:
-        return web.json_response({"status": "ok"})
-
-    async def _readyz(self, request: web.Request) -> web.Response:
-        if not self.ready:
-            return _error(503, "unavailable", "the model is not loaded yet")
-        return web.json_response({"status": "ready", "version": "v2"})
+        if fault == "reset":
+            request.transport.abort()
+            return web.Response(status=500)
+        if fault == "hang":
+            await self.release.wait()
+            return web.Response(status=503)
+        raise ValueError(f"unknown fault {fault!r}")
 
 
-def _error(status: int, code: str, message: str) -> web.Response:
-    return web.json_response({"error": code, "message": message}, status=status)
-
-
-def _scores(user: str, items: list[str]) -> dict:
-    return {
-        "user": user,
-        "version": "v2",
-        "items": [
-            {"item": item, "score": 1.5 * n, "cold": item.startswith("new")}
-            for n, item in enumerate(items)
+def _config(root, *settings: str) -> VeloxConfig:
+    return load_config(
+        None,
+        overrides=[
+            f"data.dir={root}",
+            f"train.rank={RANK}",
+            "train.iterations=2",
+            "store.checkpoint_interval=0",
+            "serve.deadline_ms=0",  # never degraded: answers do not depend on the machine's speed
+            *settings,
         ],
-        "degraded": False,
-    }
+    )
+
+
+@pytest.fixture(scope="session")
+def bootstrapped(tmp_path_factory):
+    """A data folder whose registry holds v1, trained and activated as ``--bootstrap`` does."""
+    root = tmp_path_factory.mktemp("bootstrapped")
+    bootstrap(_config(root))
+    return root
+
+
+def _real_app(bootstrapped, root, wire: Wire, *settings: str) -> web.Application:
+    """The serving app over a copy of the bootstrapped data folder, with ``wire`` around it."""
+    shutil.copytree(bootstrapped, root, dirs_exist_ok=True)
+    app = create_app(_config(root, *settings))
+    app.middlewares.append(wire.record)
+    return app
+
+
+@pytest.fixture
+async def real(bootstrapped, tmp_path, aiohttp_server):
+    """A real server on 127.0.0.1: its ``wire`` and its ``url``."""
+    wire = Wire()
+    server = await aiohttp_server(_real_app(bootstrapped, tmp_path, wire))
+    wire.url = str(server.make_url(""))
+    yield wire
+    wire.release.set()
+
+
+@pytest.fixture
+def live(bootstrapped, tmp_path):
+    """The real server run by its own loop in a background thread, for the blocking client."""
+    wire = Wire()
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+
+    async def start() -> web.AppRunner:
+        runner = web.AppRunner(_real_app(bootstrapped, tmp_path, wire))
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        return runner
+
+    runner = asyncio.run_coroutine_threadsafe(start(), loop).result()
+    wire.url = f"http://127.0.0.1:{runner.addresses[0][1]}"
+    yield wire
+    asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result()
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join()
+    loop.close()
+
+
+def _same(result: object, answer: object) -> None:
+    """``result``'s fields are the JSON answer's: the same names, values and JSON types."""
+    assert json.dumps(asdict(result), sort_keys=True) == json.dumps(answer, sort_keys=True)
 
 
 def _closed_port() -> int:
@@ -185,144 +199,159 @@ def _closed_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.fixture
-async def stub(aiohttp_server):
-    stub = Stub()
-    server = await aiohttp_server(stub.app())
-    stub.url = str(server.make_url(""))
-    return stub
+# ------------------------------------------------------------------------ imports
 
 
-@pytest.fixture
-def live_stub():
-    """The stub served from its own loop in a background thread, for the blocking client."""
-    stub = Stub()
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-
-    async def start() -> web.AppRunner:
-        runner = web.AppRunner(stub.app())
-        await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", 0).start()
-        return runner
-
-    runner = asyncio.run_coroutine_threadsafe(start(), loop).result()
-    stub.url = f"http://127.0.0.1:{runner.addresses[0][1]}"
-    yield stub
-    asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result()
-    loop.call_soon_threadsafe(loop.stop)
-    thread.join()
-    loop.close()
+def test_the_client_loads_no_model_code():
+    """A process that only calls the service does not pay for NumPy, Numba or the model."""
+    script = (
+        "import json, sys, velox.client; "
+        "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in "
+        "('velox', 'numpy', 'numba', 'feature_store', 'serving'))))"
+    )
+    loaded = json.loads(subprocess.check_output([sys.executable, "-c", script], text=True))
+    assert loaded == ["velox", "velox.api", "velox.client", "velox.errors"]
 
 
 # ------------------------------------------------------------------ typed answers
 
 
-async def test_predict_and_topk_parse_into_scores(stub):
-    async with AsyncClient(stub.url) as velox:
-        scores = await velox.predict(7, ["a", 8, "new9"])
-        best = await velox.topk("u", 2, candidates=["x", "new"], explore="ucb", alpha=0.5)
-        default = await velox.topk("u", 3)
+async def test_predict_and_topk_return_the_servers_scores(real):
+    async with AsyncClient(real.url) as velox:
+        scores = await velox.predict("u1", ["i1", 2, "new9"])
+        best = await velox.topk("u1", 2, candidates=["i1", "i2", 9], explore="ucb", alpha=0.5)
+        default = await velox.topk(7, 3)
 
-    assert scores == Scores(
-        user="7",
-        version="v2",
-        items=[
-            ScoredItem("a", 0.0, False),
-            ScoredItem("8", 1.5, False),
-            ScoredItem("new9", 3.0, True),
-        ],
-        degraded=False,
-        explore=None,
-    )
-    assert stub.seen[0]["body"] == {"user": "7", "items": ["a", "8", "new9"]}
-    assert [s.item for s in best.items] == ["x", "new"] and best.explore == "ucb"
-    assert stub.seen[1]["body"] == {
-        "user": "u",
+    predict, ranked, every = real.seen
+    _same(scores, predict.answer)
+    assert predict.body == {"user": "u1", "items": ["i1", "2", "new9"]}
+    assert [(s.item, s.cold) for s in scores.items] == [("i1", False), ("2", True), ("new9", True)]
+    assert (scores.user, scores.version, scores.degraded) == ("u1", "v1", False)
+
+    _same(best, ranked.answer)
+    assert ranked.body == {
+        "user": "u1",
         "k": 2,
-        "candidates": ["x", "new"],
+        "candidates": ["i1", "i2", "9"],
         "explore": "ucb",
         "alpha": 0.5,
         "include_rated": False,
     }
-    assert "candidates" not in stub.seen[2]["body"]
-    assert [s.item for s in default.items] == ["i1", "i2", "i3"]
+    assert len(best.items) == 2 and {s.item for s in best.items} <= {"i1", "i2", "9"}
 
-
-async def test_observe_sends_a_batch_of_typed_observations(stub):
-    async with AsyncClient(stub.url) as velox:
-        one = await velox.observe(Observation("u1", "new5", 4.0, ts=1.5))
-        many = await velox.observe([Observation(1, 2, 3), {"user": "u", "item": "i", "rating": 5}])
-
-    assert one == ObserveResult(accepted=1, seqs=[10], predictions=[3.5], cold=[True])
-    assert stub.seen[0]["body"] == [{"user": "u1", "item": "new5", "rating": 4.0, "ts": 1.5}]
-    assert many == ObserveResult(
-        accepted=2, seqs=[10, 11], predictions=[2.5, 4.5], cold=[False, False]
+    _same(default, every.answer)
+    assert "candidates" not in every.body and default.user == "7"
+    assert [s.score for s in default.items] == sorted(
+        (s.score for s in default.items), reverse=True
     )
-    assert stub.seen[1]["body"] == [
-        {"user": "1", "item": "2", "rating": 3.0},
-        {"user": "u", "item": "i", "rating": 5.0},
+    assert len(default.items) == 3
+
+
+async def test_observe_sends_typed_observations_and_returns_what_was_applied(real):
+    async with AsyncClient(real.url) as velox:
+        one = await velox.observe(Observation("u1", "new5", 4.0, ts=1.5))
+        many = await velox.observe(
+            [Observation(1, "i2", 3), {"user": "u", "item": "i3", "rating": 5}]
+        )
+        user = await velox.user(1)
+
+    first, second, _ = real.seen
+    _same(one, first.answer)
+    assert first.body == [{"user": "u1", "item": "new5", "rating": 4.0, "ts": 1.5}]
+    assert (one.accepted, one.seqs, one.cold) == (1, [1], [True])
+    _same(many, second.answer)
+    assert second.body == [
+        {"user": "1", "item": "i2", "rating": 3.0},
+        {"user": "u", "item": "i3", "rating": 5.0},
     ]
+    assert (many.accepted, many.seqs, many.cold) == (2, [2, 3], [False, False])
+    assert (user.user, user.known, user.observations) == ("1", True, 1)
 
 
-async def test_a_malformed_observation_is_refused_before_sending(stub):
-    async with AsyncClient(stub.url) as velox:
+async def test_an_idempotency_key_gets_the_first_answer_again(real):
+    async with AsyncClient(real.url) as velox:
+        first = await velox.observe(Observation("u1", "i1", 4.0, ts=9.0), idempotency_key="ev-1")
+        again = await velox.observe(Observation("u1", "i1", 4.0, ts=9.0), idempotency_key="ev-1")
+        later = await velox.observe(Observation("u1", "i2", 2.0))
+        with pytest.raises(VeloxAPIError) as reused:
+            await velox.observe(Observation("u1", "i3", 1.0), idempotency_key="ev-1")
+
+    assert again == first and first.seqs == [1] and later.seqs == [2]  # applied once
+    assert [e.key for e in real.seen] == ["ev-1", "ev-1", None, "ev-1"]
+    assert (reused.value.status, reused.value.code) == (422, "idempotency_key_reused")
+
+
+async def test_bad_arguments_are_refused_before_anything_is_sent(real):
+    async with AsyncClient(real.url) as velox:
         with pytest.raises(InputError, match="user, item, rating"):
             await velox.observe({"user": "u", "item": "i", "score": 5})
-    assert stub.hits["/observe"] == 0
+        with pytest.raises(InputError, match="user ids must be strings or integers, got True"):
+            await velox.observe(Observation(True, "i", 1.0))
+        with pytest.raises(InputError, match=r"item ids must be strings or integers, got 1\.5"):
+            await velox.predict("u", [1.5])
+        with pytest.raises(InputError, match="user ids must not be empty"):
+            await velox.user("")
+    assert real.seen == []
 
 
-async def test_users_models_and_probes_parse(stub):
-    async with AsyncClient(stub.url) as velox:
-        info = await velox.user(42)
+async def test_users_models_and_probes(real):
+    async with AsyncClient(real.url) as velox:
+        stranger = await velox.user(42)
+        trained = await velox.user("u1")
         gone = await velox.delete_user("u1")
+        forgotten = await velox.user("u1")
         models = await velox.models()
-        active = await velox.activate("v3")
+        active = await velox.activate("v1")
         health, ready = await velox.health(), await velox.ready()
-        stub.ready = False
-        not_ready = await velox.ready()
 
-    assert info == UserInfo("42", True, 3, "v2", 1700000000.5, [0.25, -1.0, 2.0])
-    assert gone == Deleted("u1", True, 4, 7)
-    assert models == Models(
-        active="v2",
-        versions=[
-            ModelInfo(
-                "v2", "active", "2026-01-02T03:04:05Z", "velox", 41, {"rmse": 0.9, "count": 12}
-            )
-        ],
-    )
-    assert active == "v3"
-    assert (health, ready, not_ready) == (True, True, False)
-    assert stub.hits["/readyz"] == 2  # "not ready" is an answer, not retried
+    answers = [e.answer for e in real.seen]
+    for result, answer in zip((stranger, trained, gone, forgotten, models), answers, strict=False):
+        _same(result, answer)
+    assert (stranger.user, stranger.known, stranger.observations) == ("42", False, 0)
+    assert (stranger.last_update, stranger.version, len(stranger.weights)) == (0.0, "v1", RANK + 1)
+    assert trained.known and trained.observations > 0
+    assert (gone.user, gone.deleted) == ("u1", True)
+    assert not forgotten.known
+    assert (models.active, models.serving) == ("v1", "v1")
+    assert (models.lagging, models.problem) == (False, None)
+    assert [(v.version, v.state, v.mode) for v in models.versions] == [("v1", "active", "single")]
+    assert active == "v1" and answers[-3] == {"active": "v1"}
+    assert (health, ready) == (True, True)
 
 
-async def test_ids_are_quoted_as_one_path_segment(stub):
+async def test_not_ready_is_an_answer_and_not_retried(real):
+    real.fail("/readyz", "unavailable")
+    async with AsyncClient(real.url, retries=2, backoff=0.001) as velox:
+        assert not await velox.ready()
+        assert await velox.ready()
+    assert real.hits["/readyz"] == 2
+
+
+async def test_ids_are_quoted_as_one_path_segment(real):
     user = "a b/c?d%e"
-    async with AsyncClient(stub.url) as velox:
+    async with AsyncClient(real.url) as velox:
         info = await velox.user(user)
         gone = await velox.delete_user(user)
 
     assert info.user == user and gone.user == user
-    assert stub.seen[0]["match"] == {"user": user}
-    assert stub.seen[0]["raw_path"] == "/users/a%20b%2Fc%3Fd%25e"
-    assert stub.hits["/users/{user}"] == 2
+    for exchange in real.seen:
+        assert exchange.match == {"user": user}
+        assert exchange.raw_path == "/users/a%20b%2Fc%3Fd%25e"
+    assert real.hits["/users/{user}"] == 2
 
 
 # ------------------------------------------------------------------------- errors
 
 
-async def test_error_bodies_raise_api_errors(stub):
-    async with AsyncClient(stub.url) as velox:
-        with pytest.raises(VeloxAPIError) as invalid:
-            await velox.predict("u", [])
-        with pytest.raises(VeloxAPIError) as missing:
-            await velox.user("ghost")
-        with pytest.raises(VeloxAPIError) as conflict:
-            await velox.activate("v9")
+async def test_error_answers_raise_api_errors_and_are_not_retried(real):
+    real.fail("/predict", "plain")
+    async with AsyncClient(real.url, retries=2, backoff=0.001) as velox:
         with pytest.raises(VeloxAPIError) as plain:
-            await velox.predict("plain", ["i"])
+            await velox.predict("u1", ["i1"])
+        with pytest.raises(VeloxAPIError) as invalid:
+            await velox.predict("u1", [])
+        with pytest.raises(VeloxAPIError) as missing:
+            await velox.activate("v9")
 
     error = invalid.value
     assert isinstance(error, VeloxError)
@@ -333,13 +362,12 @@ async def test_error_bodies_raise_api_errors(stub):
     )
     assert str(error) == "items must not be empty (HTTP 422 validation_error)"
     assert (missing.value.status, missing.value.code) == (404, "not_found")
-    assert (conflict.value.status, conflict.value.code) == (409, "conflict")
     assert (plain.value.status, plain.value.code, plain.value.message) == (
         500,
         "http_error",
         "boom",
     )
-    assert stub.hits["/predict"] == 2  # 4xx and 500 are not retried
+    assert real.hits["/predict"] == 2  # 4xx and 500 are not retried
 
 
 async def test_an_answer_of_another_shape_says_so(aiohttp_server):
@@ -354,111 +382,123 @@ async def test_an_answer_of_another_shape_says_so(aiohttp_server):
             await velox.models()
 
 
-async def test_the_bearer_token_is_sent(aiohttp_server):
-    stub = Stub(token="s3cret")
-    url = str((await aiohttp_server(stub.app())).make_url(""))
+async def test_bearer_tokens_are_sent(bootstrapped, tmp_path, aiohttp_server):
+    wire = Wire()
+    tokens = ("serve.read_token=r", "serve.write_token=w", "serve.admin_token=a")
+    server = await aiohttp_server(_real_app(bootstrapped, tmp_path, wire, *tokens))
+    url = str(server.make_url(""))
     async with AsyncClient(url) as anonymous:
         with pytest.raises(VeloxAPIError) as refused:
             await anonymous.models()
-    async with AsyncClient(url, token="s3cret") as velox:
-        await velox.models()
-        await velox.observe(Observation("u", "i", 1.0))
+    async with AsyncClient(url, token="r") as reader:
+        await reader.models()
+        with pytest.raises(VeloxAPIError) as forbidden:
+            await reader.observe(Observation("u", "i", 1.0))
+    async with AsyncClient(url, token="w") as writer:
+        observed = await writer.observe(Observation("u", "i", 1.0))
 
     assert (refused.value.status, refused.value.code) == (401, "unauthorized")
-    assert [s["auth"] for s in stub.seen] == [None, "Bearer s3cret", "Bearer s3cret"]
+    assert (forbidden.value.status, forbidden.value.code) == (403, "forbidden")
+    assert observed.seqs == [1]
+    assert [e.auth for e in wire.seen] == [None, "Bearer r", "Bearer r", "Bearer w"]
 
 
 # ------------------------------------------------------------------------ retries
 
 
-async def test_an_idempotent_call_is_retried_through_503s_with_backoff(stub):
-    stub.unavailable["/predict"] = 2
-    stub.unavailable["/users/{user}"] = 3
-    async with AsyncClient(stub.url, retries=2, backoff=0.02) as velox:
-        scores = await velox.predict("u", ["i"])
+async def test_a_safe_call_is_retried_through_503s_with_backoff(real):
+    real.fail("/predict", "unavailable", "unavailable")
+    real.fail("/users/{user}", "unavailable", "unavailable", "unavailable")
+    async with AsyncClient(real.url, retries=2, backoff=0.02) as velox:
+        scores = await velox.predict("u1", ["i1"])
         with pytest.raises(VeloxAPIError) as exhausted:
-            await velox.user("u")
+            await velox.user("u1")
 
-    assert scores.items == [ScoredItem("i", 0.0, False)]
-    assert stub.hits["/predict"] == 3
-    first, second, third = (s["at"] for s in stub.seen[:3])
-    assert second - first >= 0.02 and third - second >= 0.04  # exponential
+    _same(scores, real.seen[2].answer)
+    assert real.hits["/predict"] == 3
+    first, second, third = (e.at for e in real.seen[:3])
+    assert second - first >= 0.02 and third - second >= 0.04  # lower bounds: hold under any load
     assert (exhausted.value.status, exhausted.value.code) == (503, "unavailable")
-    assert stub.hits["/users/{user}"] == 3
+    assert real.hits["/users/{user}"] == 3
 
 
-async def test_observe_is_retried_only_with_an_idempotency_key(stub):
-    stub.unavailable["/observe"] = 2
-    async with AsyncClient(stub.url, retries=3, backoff=0.001) as velox:
+async def test_observe_is_retried_only_with_an_idempotency_key(real):
+    real.fail("/observe", "unavailable", "unavailable")
+    async with AsyncClient(real.url, retries=3, backoff=0.001) as velox:
         with pytest.raises(VeloxAPIError) as unavailable:
             await velox.observe(Observation("u", "i", 1.0))
         assert unavailable.value.status == 503
-        assert stub.hits["/observe"] == 1
-        await velox.observe(Observation("u", "i", 1.0), idempotency_key="event-9")
-    assert stub.hits["/observe"] == 3  # one 503 more, then the answer
-    assert [s["key"] for s in stub.seen] == [None, "event-9", "event-9"]
+        assert real.hits["/observe"] == 1
+        observed = await velox.observe(Observation("u", "i", 1.0), idempotency_key="event-9")
+    assert real.hits["/observe"] == 3  # one 503 more, then the answer
+    assert observed.seqs == [1]
+    assert [e.key for e in real.seen] == [None, "event-9", "event-9"]
 
 
-async def test_a_refused_connection_is_retried_then_reported(monkeypatch):
+async def test_a_reset_connection_is_retried_only_when_safe(real):
+    real.fail("/predict", "reset", "reset")
+    real.fail("/observe", "reset")
+    async with AsyncClient(real.url, retries=2, backoff=0.001) as velox:
+        scores = await velox.predict("u1", ["i1"])
+        with pytest.raises(VeloxConnectionError, match="after 1 attempt:") as once:
+            await velox.observe(Observation("u", "i", 1.0))
+
+    assert scores.items[0].item == "i1" and real.hits["/predict"] == 3
+    assert once.value.attempts == 1 and real.hits["/observe"] == 1
+
+
+async def test_a_refused_connection_is_retried_then_reported():
     url = f"http://127.0.0.1:{_closed_port()}"
-    sent = Counter()
-    send = AsyncClient._send
-
-    async def counting(self, method, target, body, headers=None):
-        sent[target] += 1
-        return await send(self, method, target, body, headers)
-
-    monkeypatch.setattr(AsyncClient, "_send", counting)
     async with AsyncClient(url, retries=2, backoff=0.001) as velox:
         with pytest.raises(VeloxConnectionError) as refused:
             await velox.models()
         with pytest.raises(VeloxConnectionError) as once:
             await velox.observe(Observation("u", "i", 1.0))
 
-    assert sent == {f"{url}/models": 3, f"{url}/observe": 1}
     assert refused.value.attempts == 3 and once.value.attempts == 1
     assert isinstance(refused.value, VeloxError)
     assert f"GET {url}/models after 3 attempts" in str(refused.value)
 
 
-async def test_a_timeout_counts_as_a_connection_failure(stub):
-    async with AsyncClient(stub.url, timeout=0.05, retries=1, backoff=0.001) as velox:
+async def test_an_answer_that_never_comes_is_a_timeout(real):
+    real.fail("/predict", "hang", "hang")
+    async with AsyncClient(real.url, timeout=0.05, retries=1, backoff=0.001) as velox:
         with pytest.raises(VeloxConnectionError, match="after 2 attempts"):
-            await velox.predict("slow", ["i"])
-    assert stub.hits["/predict"] == 2
+            await velox.predict("u1", ["i1"])
+    assert real.hits["/predict"] == 2
 
 
-async def test_connections_are_pooled_and_reused(stub):
-    async with AsyncClient(stub.url) as velox:
+async def test_connections_are_pooled_and_reused(real):
+    async with AsyncClient(real.url) as velox:
         for n in range(20):
-            await velox.predict(n, ["i"])
-    assert stub.hits["/predict"] == 20
-    assert len(stub.ports) == 1
+            await velox.predict(n, ["i1"])
+    assert real.hits["/predict"] == 20
+    assert len(real.ports) == 1
 
 
 # -------------------------------------------------------------------- sync client
 
 
-def test_the_blocking_client_from_two_threads(live_stub):
+def test_the_blocking_client_from_two_threads(live):
     def work(user: str) -> list[str]:
-        return [velox.predict(user, [f"{user}{n}"]).items[0].item for n in range(15)]
+        return [velox.predict(user, [f"i{n}"]).items[0].item for n in range(15)]
 
-    with Client(live_stub.url, retries=0) as velox, ThreadPoolExecutor(2) as pool:
-        answers = list(pool.map(work, ["a", "b"]))
-        observed = velox.observe([Observation("a", "i", 2.0)])
+    with Client(live.url, retries=0) as velox, ThreadPoolExecutor(2) as pool:
+        answers = list(pool.map(work, ["u1", "u2"]))
+        observed = velox.observe([Observation("u1", "i1", 2.0)])
         assert velox.ready() and velox.health()
 
-    assert answers == [[f"a{n}" for n in range(15)], [f"b{n}" for n in range(15)]]
-    assert observed.accepted == 1
-    assert live_stub.hits["/predict"] == 30
-    assert len(live_stub.ports) <= 2  # two threads share one pool
+    assert answers == [[f"i{n}" for n in range(15)]] * 2
+    _same(observed, live.seen[30].answer)
+    assert live.hits["/predict"] == 30
+    assert len(live.ports) <= 2  # two threads share one pool
 
 
-def test_the_blocking_client_reports_errors_and_refuses_calls_after_close(live_stub):
-    velox = Client(live_stub.url)
-    with pytest.raises(VeloxAPIError, match="HTTP 409 conflict"):
+def test_the_blocking_client_reports_errors_and_refuses_calls_after_close(live):
+    velox = Client(live.url)
+    with pytest.raises(VeloxAPIError, match="HTTP 404 not_found"):
         velox.activate("v9")
-    assert velox.models().active == "v2"
+    assert velox.models().active == "v1"
     velox.close()
     velox.close()
     with pytest.raises(VeloxError, match="closed"):

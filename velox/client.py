@@ -2,16 +2,26 @@
 
 :class:`AsyncClient` is for asyncio code (one pooled ``aiohttp`` session);
 :class:`Client` offers the same methods synchronously for scripts and notebooks.
-Answers come back as frozen dataclasses; a server's error body becomes a
-:class:`VeloxAPIError` and an unreachable server a :class:`VeloxConnectionError`,
-both :class:`~velox.errors.VeloxError`, so the CLI prints them as one line.
+Answers come back as frozen dataclasses whose fields are the server's JSON
+fields, with the same names and types. An error status becomes a
+:class:`VeloxAPIError` (the server's error code and message, or ``http_error``
+when the body is not the server's JSON error, ``invalid_response`` when a
+success has another shape); an unreachable server becomes a
+:class:`VeloxConnectionError`. Both are :class:`~velox.errors.VeloxError`,
+whose message is one sentence meant for the user.
 
-Reads and other idempotent calls are retried on connection failures and on
-502/503/504 with exponential backoff. ``observe`` is retried only when given
-an ``idempotency_key``, which the server uses to apply it once whatever the
-number of attempts; without one it is sent once: a request that timed out or
-lost its connection may still have been applied, and sending it again would
-learn the same ratings twice.
+Ids follow the model's rule (:mod:`velox.api`): strings, integers accepted and
+sent as strings; anything else is refused before a request is sent. The module
+imports only aiohttp and that rule, not the model, NumPy or Numba, so a
+process that only calls the service stays small and starts fast.
+
+Calls that are safe to repeat are retried on connection failures (refused,
+reset, timed out) and on 502/503/504, with exponential backoff; ``/readyz``'s
+503 is the answer "not ready" and is returned at once. ``observe`` is
+retried only when given an ``idempotency_key``, which the server uses to
+apply it once whatever the number of attempts; without one it is sent once: a
+request that timed out or lost its connection may still have been applied,
+and sending it again would learn the same ratings twice.
 
 ::
 
@@ -34,12 +44,11 @@ from urllib.parse import quote
 
 import aiohttp
 
+from velox.api import Explore, Id, normalize_id, normalize_ids
 from velox.errors import ConfigError, InputError, VeloxError
-from velox.model import Explore
 
 log = logging.getLogger(__name__)
 
-Id = str | int
 RETRY_STATUSES: frozenset[int] = frozenset({502, 503, 504})
 """Answers that say "try again shortly" (a proxy or server that is restarting, overloaded)."""
 
@@ -81,8 +90,8 @@ class Observation:
 
     def to_json(self) -> dict[str, Any]:
         body: dict[str, Any] = {
-            "user": str(self.user),
-            "item": str(self.item),
+            "user": normalize_id(self.user, "user"),
+            "item": normalize_id(self.item, "item"),
             "rating": float(self.rating),
         }
         if self.ts is not None:
@@ -92,10 +101,13 @@ class Observation:
 
 @dataclass(frozen=True)
 class ScoredItem:
+    """One item's score; for ``/topk`` the ranking score, exploration bonus included."""
+
     item: str
     score: float
     cold: bool
-    """The item is unknown to the offline features (scored from its online fold-in)."""
+    """The version's trained features do not know the item: it is scored from its
+    online fold-in, or from the cold-item vector before it has one."""
 
 
 @dataclass(frozen=True)
@@ -106,9 +118,8 @@ class Scores:
     version: str
     items: list[ScoredItem]
     degraded: bool
-    """Answered with the prior ``mu + b_i`` because the latency deadline would be missed."""
-    explore: str | None = None
-    """The exploration mode ``/topk`` used; None for ``/predict``."""
+    """Scored by the prior ``mu + b_i`` alone: the latency deadline would have been
+    missed, or a model switch or user deletion held the model."""
 
     @classmethod
     def from_json(cls, body: Mapping[str, Any]) -> Scores:
@@ -120,7 +131,6 @@ class Scores:
             version=str(body["version"]),
             items=items,
             degraded=bool(body["degraded"]),
-            explore=body.get("explore"),
         )
 
 
@@ -147,12 +157,17 @@ class ObserveResult:
 
 @dataclass(frozen=True)
 class UserInfo:
+    """A user's state on the server; a user it never saw is ``known=False`` with the prior."""
+
     user: str
     known: bool
     observations: int
     version: str
+    """The model version serving this user."""
     last_update: float
+    """Seconds since the epoch of the user's last observation (0.0 when none)."""
     weights: list[float]
+    """The user's weights ``w_u`` (the prior mean for an unknown user)."""
 
     @classmethod
     def from_json(cls, body: Mapping[str, Any]) -> UserInfo:
@@ -187,11 +202,19 @@ class Deleted:
 
 @dataclass(frozen=True)
 class ModelInfo:
+    """One registered model version, as the registry describes it."""
+
     version: str
+    """Its name, e.g. ``v3``."""
     state: str
+    """``building``, ``ready``, ``active``, ``failed`` or ``retired``."""
     created: str
+    """When the version was started, ISO 8601."""
     engine: str
+    mode: str
+    """How the engine ran: ``single`` (on the driver) or ``distributed``; may be empty."""
     watermark: int
+    """The last log sequence number the training data included."""
     metrics: dict[str, float]
 
     @classmethod
@@ -201,6 +224,7 @@ class ModelInfo:
             state=str(body["state"]),
             created=str(body["created"]),
             engine=str(body["engine"]),
+            mode=str(body["mode"]),
             watermark=int(body["watermark"]),
             metrics={str(k): float(v) for k, v in body["metrics"].items()},
         )
@@ -208,13 +232,27 @@ class ModelInfo:
 
 @dataclass(frozen=True)
 class Models:
+    """The registry's versions, the one its pointer names and the one this server answers with."""
+
     active: str | None
+    """The version the registry marks active (None when none is)."""
+    serving: str
+    """The version the server that answered is serving."""
+    lagging: bool
+    """The server serves another version than ``active`` (it follows the pointer, or
+    cannot: see ``problem``)."""
+    problem: str | None
+    """Why the server does not serve the active version, while it does not."""
     versions: list[ModelInfo]
 
     @classmethod
     def from_json(cls, body: Mapping[str, Any]) -> Models:
+        active, problem = body["active"], body["problem"]
         return cls(
-            active=body["active"],
+            active=None if active is None else str(active),
+            serving=str(body["serving"]),
+            lagging=bool(body["lagging"]),
+            problem=None if problem is None else str(problem),
             versions=[ModelInfo.from_json(v) for v in body["versions"]],
         )
 
@@ -270,7 +308,7 @@ class AsyncClient:
 
     async def predict(self, user: Id, items: Sequence[Id]) -> Scores:
         """Scores of ``items`` for ``user``, in the order given."""
-        body = {"user": str(user), "items": [str(i) for i in items]}
+        body = {"user": normalize_id(user, "user"), "items": normalize_ids(items, "item")}
         return await self._call("POST", "/predict", Scores.from_json, body)
 
     async def topk(
@@ -285,14 +323,14 @@ class AsyncClient:
     ) -> Scores:
         """The ``k`` best items for ``user`` (among ``candidates`` if given), best first."""
         body: dict[str, Any] = {
-            "user": str(user),
+            "user": normalize_id(user, "user"),
             "k": k,
             "explore": explore,
             "alpha": alpha,
             "include_rated": include_rated,
         }
         if candidates is not None:
-            body["candidates"] = [str(c) for c in candidates]
+            body["candidates"] = normalize_ids(candidates, "candidate")
         return await self._call("POST", "/topk", Scores.from_json, body)
 
     async def observe(
@@ -323,11 +361,11 @@ class AsyncClient:
 
     async def user(self, user_id: Id) -> UserInfo:
         """What the server holds about one user."""
-        return await self._call("GET", f"/users/{_quote(user_id)}", UserInfo.from_json)
+        return await self._call("GET", f"/users/{_segment(user_id)}", UserInfo.from_json)
 
     async def delete_user(self, user_id: Id) -> Deleted:
         """Erase a user's online state, log records and offline rows."""
-        return await self._call("DELETE", f"/users/{_quote(user_id)}", Deleted.from_json)
+        return await self._call("DELETE", f"/users/{_segment(user_id)}", Deleted.from_json)
 
     async def models(self) -> Models:
         """Every registered model version and which one is active."""
@@ -336,7 +374,7 @@ class AsyncClient:
     async def activate(self, version: str) -> str:
         """Serve ``version`` (e.g. ``"v3"``); returns the version now active."""
         return await self._call(
-            "POST", f"/models/{_quote(version)}/activate", lambda body: str(body["active"])
+            "POST", f"/models/{quote(version, safe='')}/activate", lambda body: str(body["active"])
         )
 
     async def health(self) -> bool:
@@ -408,9 +446,9 @@ class AsyncClient:
         return self._http
 
 
-def _quote(value: Id) -> str:
-    """An id as one path segment: spaces, slashes and the like percent-encoded."""
-    return quote(str(value), safe="")
+def _segment(user: Id) -> str:
+    """A user id as one path segment: spaces, slashes and the like percent-encoded."""
+    return quote(normalize_id(user, "user"), safe="")
 
 
 def _observation(value: Observation | Mapping[str, Any]) -> Observation:
