@@ -20,6 +20,11 @@ _FLAGS = {
     "iterations": ("iterations", int, "ALS iterations"),
     "user-regularization": ("user_regularization", float, "user ridge strength"),
     "item-regularization": ("item_regularization", float, "item ridge strength / regParam"),
+    "regularization-exponent": (
+        "regularization_exponent",
+        float,
+        "exponent e of the per-row ridge strength lambda * n^e",
+    ),
     "forgetting": ("forgetting", float, "age weight per later rating of the user"),
     "validation": ("validation", float, "held-out share for the validation RMSE"),
     "blocks": ("blocks", int, "blocks per half-step in distributed mode"),

@@ -1,12 +1,13 @@
-"""Distributed biased ALS: every half-step is a Spark stage over blocks of users or items.
+"""Half-steps as Spark stages: the executor of :func:`velox.als.train_als` for large data.
 
-The ratings (dense indices, weights) are cached, hashed into blocks by user
-and by item. A half-step broadcasts the other side's features, and each task
-solves its block with :func:`velox.als.half_step` (CuPy where the executor
-sees a GPU and ``compute.device`` allows it, NumPy otherwise) through
-``groupBy(block).applyInArrow``; the driver collects the solutions, which are
-the next half-step's broadcast. The arithmetic per row is exactly that of the
-single-node mode: same row order, same normal equations, same solver.
+The ratings (dense indices) are hashed into blocks by user and by item and
+cached with their age weights. A half-step broadcasts the other side's
+features, offsets and the rows' regularisation, and each task solves its
+block with :func:`velox.als.half_step` (CuPy where the executor sees a GPU and
+``compute.device`` allows it, NumPy otherwise) through
+``groupBy(block).applyInArrow``; the driver collects the solutions. The loop,
+the global mean, the regularisation and the age weights are those of
+:mod:`velox.als`: this module only moves data.
 
 Limits: the driver holds both sides' factors (``(users + items) x d``
 doubles) and broadcasts one side per half-step; each task holds its block's
@@ -17,26 +18,16 @@ driver, which writes them to the registry.
 
 from __future__ import annotations
 
-import logging
-import time
 from collections.abc import Callable
 
 import numpy as np
 import pyarrow as pa
 
-from velox.als import (
-    ALSParams,
-    ALSResult,
-    Progress,
-    RowIndex,
-    half_step,
-    initial_factors,
-    objective,
-    row_regularization,
-)
+from velox.als import RowIndex, Solved, Totals, age_weights, half_step
 from velox.backend import get_backend
+from velox.symmetric import pack_upper, packed_size, unpack_upper
 
-log = logging.getLogger(__name__)
+_SIDES = {"users": ("uidx", "iidx", "ublock"), "items": ("iidx", "uidx", "iblock")}
 
 
 def _vectors(values: np.ndarray) -> pa.ListArray:
@@ -52,30 +43,34 @@ def _matrix(column: pa.ChunkedArray | pa.Array, width: int) -> np.ndarray:
     return column.flatten().to_numpy(zero_copy_only=False).reshape(-1, width)
 
 
-def _solver(
-    row: str,
-    col: str,
-    features,
-    offsets,
-    mu: float,
-    strength: float,
-    exponent: float,
-    device: str,
-    statistics: bool,
-) -> Callable[[pa.Table], pa.Table]:
+def _weigher(forgetting: float) -> Callable[[pa.Table], pa.Table]:
+    """The task that adds each rating's age weight; a block holds its users' every rating."""
+
+    def weigh(table: pa.Table) -> pa.Table:
+        users = table.column("uidx").to_numpy()
+        _, local = np.unique(users, return_inverse=True)
+        ts = table.column("ts").to_numpy().astype(np.float64)
+        weight = age_weights(local, table.column("iidx").to_numpy(), ts, forgetting)
+        return table.drop_columns(["ts"]).append_column("weight", pa.array(weight))
+
+    return weigh
+
+
+def _solver(side: str, shared, device: str, statistics: bool) -> Callable[[pa.Table], pa.Table]:
     """The task of one half-step: solve every row of a block against broadcast features."""
+    row, col, _ = _SIDES[side]
 
     def solve(table: pa.Table) -> pa.Table:
+        features, offsets, regularization = shared.value
         rows = table.column(row).to_numpy()
         cols = table.column(col).to_numpy()
         ids, local = np.unique(rows, return_inverse=True)
         weights = table.column("weight").to_numpy()
-        F, offset = features.value, offsets.value
-        targets = table.column("rating").to_numpy() - mu - offset[cols]
-        reg = row_regularization(local, weights, ids.size, strength, exponent)
+        targets = table.column("rating").to_numpy() - offsets[cols]
         index = RowIndex.build(local, cols, ids.size)
-        A, b, x = half_step(index, targets, weights, F, reg, get_backend(device))
-        residual = targets - np.einsum("ij,ij->i", x[local], F[cols])
+        backend = get_backend(device)
+        A, b, x = half_step(index, targets, weights, features, regularization[ids], backend)
+        residual = targets - np.einsum("ij,ij->i", x[local], features[cols])
         columns = {
             "id": pa.array(ids),
             "x": _vectors(x),
@@ -83,120 +78,99 @@ def _solver(
             "sq": pa.array(np.bincount(local, residual**2, minlength=ids.size)),
         }
         if statistics:
-            upper = np.triu_indices(x.shape[1])
-            columns["gram"] = _vectors(A[:, upper[0], upper[1]])
+            columns["gram"] = _vectors(pack_upper(A))
             columns["rhs"] = _vectors(b)
         return pa.table(columns)
 
     return solve
 
 
-def _schema(d: int, statistics: bool) -> str:
-    fields = "id long, x array<double>, sse double, sq double"
-    return fields + (", gram array<double>, rhs array<double>" if statistics else "")
+class SparkExecutor:
+    """Half-steps of :func:`velox.als.train_als` as Spark stages over blocks of rows.
 
-
-def train_distributed(
-    spark,
-    ratings,
-    n_users: int,
-    n_items: int,
-    params: ALSParams,
-    *,
-    blocks: int,
-    device: str = "cpu",
-    init: np.ndarray | None = None,
-    progress: Progress | None = None,
-) -> tuple[ALSResult, float]:
-    """Train on ``ratings`` (uidx, iidx, rating, weight); returns the result and the global mean.
-
-    User and item ids are attached by the caller (``ALSResult`` carries
-    ``user_ids``/``item_ids`` set to the dense indices here).
+    ``ratings`` is a DataFrame of (uidx, iidx, rating, ts) with dense indices
+    into ``user_ids`` and ``item_ids``.
     """
-    from pyspark.sql import functions as F
 
-    sc = spark.sparkContext
-    frame = ratings.withColumn("ublock", F.col("uidx") % blocks).withColumn(
-        "iblock", F.col("iidx") % blocks
-    )
-    frame = frame.repartition(blocks, "ublock").cache()
-    totals = frame.agg(F.sum(F.col("weight") * F.col("rating")), F.sum("weight"), F.count("*"))
-    weighted, weight, count = totals.first()
-    mu = weighted / weight
-    user_weight, user_count = _per_row(frame, "uidx", n_users)
-    item_weight, _ = _per_row(frame, "iidx", n_items)
-    exponent = params.regularization_exponent
-    reg_u = params.user_regularization * np.maximum(user_weight, 1.0) ** exponent
-    reg_i = params.item_regularization * np.maximum(item_weight, 1.0) ** exponent
-    rank, d = params.rank, params.rank + 1
-    factors = initial_factors(n_items, rank, params.seed) if init is None else np.asarray(init)
-    item_bias = np.zeros(n_items)
-    user_reg = (params.user_regularization, params.regularization_exponent)
-    item_reg = (params.item_regularization, params.regularization_exponent)
+    def __init__(
+        self,
+        spark,
+        ratings,
+        user_ids: np.ndarray,
+        item_ids: np.ndarray,
+        *,
+        blocks: int,
+        device: str,
+    ) -> None:
+        from pyspark.sql import functions as F
 
-    def step(side: str, features: np.ndarray, offsets: np.ndarray, stats: bool):
-        row, col, block, (strength, exponent) = (
-            ("uidx", "iidx", "ublock", user_reg)
-            if side == "users"
-            else ("iidx", "uidx", "iblock", item_reg)
+        self.spark, self.user_ids, self.item_ids = spark, user_ids, item_ids
+        self.device, self.blocks = device, blocks
+        self._ratings = ratings.withColumn("ublock", F.col("uidx") % blocks).withColumn(
+            "iblock", F.col("iidx") % blocks
         )
-        shared_f, shared_o = sc.broadcast(features), sc.broadcast(offsets)
-        solve = _solver(row, col, shared_f, shared_o, mu, strength, exponent, device, stats)
+        self._frame = None
+
+    def totals(self, forgetting: float) -> Totals:
+        from pyspark.sql import functions as F
+
+        schema = "uidx long, iidx long, rating double, ublock long, iblock long, weight double"
+        frame = self._ratings.repartition(self.blocks, "ublock")
+        frame = frame.groupBy("ublock").applyInArrow(_weigher(forgetting), schema)
+        self._frame = frame.cache()
+        users = self._per_row("uidx", self.user_ids.size, F.count("*"), F.sum("weighted"))
+        items = self._per_row("iidx", self.item_ids.size)
+        return Totals(
+            user_weight=users[0],
+            item_weight=items[0],
+            user_count=users[1].astype(np.int64),
+            weighted_sum=float(np.sum(users[2])),
+        )
+
+    def _per_row(self, column: str, n: int, *extra) -> list[np.ndarray]:
+        """Per dense index of ``column``: the weight sum, then each extra aggregate."""
+        from pyspark.sql import functions as F
+
+        frame = self._frame.withColumn("weighted", F.col("weight") * F.col("rating"))
+        aggregates = [F.sum("weight"), *extra]
+        table = frame.groupBy(column).agg(*aggregates).toArrow()
+        index = table.column(0).to_numpy()
+        out = []
+        for position in range(1, table.num_columns):
+            values = np.zeros(n)
+            values[index] = table.column(position).to_numpy()
+            out.append(values)
+        return out
+
+    def solve(
+        self,
+        side: str,
+        features: np.ndarray,
+        offsets: np.ndarray,
+        regularization: np.ndarray,
+        statistics: bool,
+    ) -> Solved:
+        block = _SIDES[side][2]
+        d = features.shape[1]
+        schema = "id long, x array<double>, sse double, sq double"
+        if statistics:
+            schema += ", gram array<double>, rhs array<double>"
+        shared = self.spark.sparkContext.broadcast((features, offsets, regularization))
         try:
-            out = frame.groupBy(block).applyInArrow(solve, _schema(d, stats)).toArrow()
+            solve = _solver(side, shared, self.device, statistics)
+            out = self._frame.groupBy(block).applyInArrow(solve, schema).toArrow()
         finally:
-            shared_f.unpersist()
-            shared_o.unpersist()
-        order = np.argsort(out.column("id").to_numpy())
-        return out.take(pa.array(order))
+            shared.unpersist()
+        out = out.take(pa.array(np.argsort(out.column("id").to_numpy())))
+        return Solved(
+            _matrix(out.column("x"), d),
+            float(out.column("sse").to_numpy().sum()),
+            float(out.column("sq").to_numpy().sum()),
+            unpack_upper(_matrix(out.column("gram"), packed_size(d)), d) if statistics else None,
+            _matrix(out.column("rhs"), d) if statistics else None,
+        )
 
-    for iteration in range(params.iterations + 1):
-        started = time.perf_counter()
-        item_features = np.hstack([factors, np.ones((n_items, 1))])
-        final = iteration == params.iterations
-        users = step("users", item_features, item_bias, final)
-        w = _matrix(users.column("x"), d)
-        rmse = float(np.sqrt(users.column("sq").to_numpy().sum() / count))
-        if final:
-            break
-        fit = float(users.column("sse").to_numpy().sum())
-        loss = objective(fit, w, reg_u, np.column_stack([factors, item_bias]), reg_i)
-        user_features = np.hstack([w[:, :rank], np.ones((n_users, 1))])
-        items = step("items", user_features, w[:, rank], False)
-        solved = _matrix(items.column("x"), d)
-        factors, item_bias = solved[:, :rank], solved[:, rank]
-        seconds = time.perf_counter() - started
-        log.info("ALS iteration %d: train RMSE %.4f (%.2fs)", iteration + 1, rmse, seconds)
-        if progress is not None:
-            progress(iteration + 1, rmse, loss, seconds)
-    upper = np.triu_indices(d)
-    gram = np.empty((n_users, d, d))
-    gram[:, upper[0], upper[1]] = _matrix(users.column("gram"), upper[0].size)
-    gram[:, upper[1], upper[0]] = gram[:, upper[0], upper[1]]
-    frame.unpersist()
-    result = ALSResult(
-        user_ids=np.arange(n_users),
-        item_ids=np.arange(n_items),
-        global_mean=mu,
-        item_factors=factors,
-        item_bias=item_bias,
-        user_weights=w,
-        user_gram=gram,
-        user_rhs=_matrix(users.column("rhs"), d),
-        user_count=user_count,
-        train_rmse=rmse,
-    )
-    return result, mu
-
-
-def _per_row(frame, column: str, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """Weighted and plain rating counts per dense index of ``column``."""
-    from pyspark.sql import functions as F
-
-    table = frame.groupBy(column).agg(F.sum("weight").alias("w"), F.count("*").alias("n"))
-    table = table.toArrow()
-    index = table.column(column).to_numpy()
-    weighted, plain = np.zeros(n), np.zeros(n, dtype=np.int64)
-    weighted[index] = table.column("w").to_numpy()
-    plain[index] = table.column("n").to_numpy()
-    return weighted, plain
+    def close(self) -> None:
+        """Drop the cached ratings."""
+        if self._frame is not None:
+            self._frame.unpersist()

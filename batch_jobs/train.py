@@ -31,31 +31,21 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from batch_jobs.distributed import train_distributed
+from batch_jobs.distributed import SparkExecutor
 from batch_jobs.inputs import Prepared, prepare, read_source
 from batch_jobs.mllib import train_mllib
 from batch_jobs.spark import read_spark_defaults, spark_session
 from feature_store.layout import DataLayout
 from feature_store.offline import OfflineStore
-from feature_store.registry import ModelArtifacts, ModelRegistry, ModelVersion
-from velox.als import ALSParams, ALSResult, Ratings, check_rank, train_als
+from feature_store.registry import ModelRegistry, ModelVersion
+from velox.als import ALSParams, Ratings, check_rank, train_als
 from velox.backend import get_backend
-from velox.config import TrainConfig, VeloxConfig
+from velox.config import VeloxConfig
 from velox.errors import DataError
+from velox.evaluation import rmse
+from velox.trained import TrainedModel
 
 log = logging.getLogger(__name__)
-
-
-def als_params(train: TrainConfig) -> ALSParams:
-    """The ALS parameters a training configuration asks for."""
-    return ALSParams(
-        rank=train.rank,
-        user_regularization=train.user_regularization,
-        item_regularization=train.item_regularization,
-        iterations=train.iterations,
-        forgetting=train.forgetting,
-        seed=train.seed,
-    )
 
 
 @dataclasses.dataclass
@@ -81,7 +71,7 @@ class TrainJob:
         backend = get_backend(self.config.compute.device)  # a missing GPU fails before Spark
         layout = DataLayout.from_config(self.config)
         source, watermark = self._source(layout)
-        params = als_params(train)
+        params = ALSParams.from_config(train)
         owns_session = self.spark is None
         spark = self.spark or spark_session(
             train.master, {**read_spark_defaults(), **self.spark_conf}
@@ -124,13 +114,13 @@ class TrainJob:
                 began = time.perf_counter()
                 result = self._train(spark, prepared, mode, params, backend)
                 timings["train_s"] = time.perf_counter() - began
-                metrics = self._metrics(result, prepared)
+                metrics = self._metrics(result, prepared, version.name)
                 held_out = metrics.get("validation_rmse")
                 self.emit(
                     f"{version.name}: train RMSE {metrics['train_rmse']:.4f}, validation RMSE "
                     + (f"{held_out:.4f}" if held_out is not None else "n/a (nothing held out)")
                 )
-                registry.write_artifacts(version.number, ModelArtifacts.from_als(result))
+                registry.write_artifacts(version.number, result)
                 if prepared.rejected:
                     rejects = layout.root / "rejects" / version.name
                     prepared.rejects.write.mode("overwrite").parquet(str(rejects))
@@ -162,7 +152,9 @@ class TrainJob:
             return "mllib" if train.engine == "mllib" else train.mode
         return "single" if count <= train.single_node_max_ratings else "distributed"
 
-    def _train(self, spark, prepared: Prepared, mode: str, params: ALSParams, backend) -> ALSResult:
+    def _train(
+        self, spark, prepared: Prepared, mode: str, params: ALSParams, backend
+    ) -> TrainedModel:
         progress = self._progress(params.iterations)
         if mode == "distributed":
             return self._train_distributed(spark, prepared, params, progress)
@@ -177,7 +169,6 @@ class TrainJob:
         return train_als(ratings, params, backend=backend, init=self.init, progress=progress)
 
     def _train_distributed(self, spark, prepared: Prepared, params: ALSParams, progress):
-        from pyspark.sql import Window
         from pyspark.sql import functions as F
 
         frame = prepared.train
@@ -189,22 +180,19 @@ class TrainJob:
                 pa.table({column: ids, column[0] + "idx": np.arange(ids.size)})
             )
             frame = frame.join(F.broadcast(index), column)
-        later = Window.partitionBy("uidx").orderBy(F.col("ts").desc(), F.col("iidx").desc())
-        weight = F.pow(F.lit(params.forgetting), F.row_number().over(later) - 1)
-        frame = frame.select("uidx", "iidx", "rating", weight.alias("weight"))
-        blocks = self.config.train.blocks or spark.sparkContext.defaultParallelism
-        result, _ = train_distributed(
+        frame = frame.select("uidx", "iidx", "rating", F.unix_micros("ts").alias("ts"))
+        executor = SparkExecutor(
             spark,
             frame,
-            user_ids.size,
-            item_ids.size,
-            params,
-            blocks=blocks,
+            user_ids,
+            item_ids,
+            blocks=self.config.train.blocks or spark.sparkContext.defaultParallelism,
             device=self.config.compute.device,
-            init=self.init,
-            progress=progress,
         )
-        return dataclasses.replace(result, user_ids=user_ids, item_ids=item_ids)
+        try:
+            return train_als(executor, params, init=self.init, progress=progress)
+        finally:
+            executor.close()
 
     def _progress(self, iterations: int):
         def report(iteration: int, rmse: float, loss: float, seconds: float) -> None:
@@ -215,28 +203,24 @@ class TrainJob:
 
         return report
 
-    def _metrics(self, result: ALSResult, prepared: Prepared) -> dict[str, float]:
-        train = self.config.train
+    def _metrics(self, trained: TrainedModel, prepared: Prepared, version: str) -> dict[str, float]:
+        """Counts, and the validation RMSE of the model as it will serve (:mod:`velox.trained`)."""
         held = prepared.validation.select("user", "item", "rating").toArrow()
         metrics = {
-            "train_rmse": result.train_rmse,
-            "ratings": float(result.user_count.sum()),
-            "users": float(result.user_ids.size),
-            "items": float(result.item_ids.size),
+            "train_rmse": trained.train_rmse,
+            "ratings": float(trained.train_count),
+            "users": float(trained.user_ids.size),
+            "items": float(trained.item_ids.size),
             "rejected_rows": float(prepared.rejected),
             "duplicate_rows": float(prepared.duplicates),
             "validation_ratings": float(held.num_rows),
         }
         if held.num_rows:
-            predicted = result.predict(
-                held.column("user").to_numpy(zero_copy_only=False),
-                held.column("item").to_numpy(zero_copy_only=False),
+            model = trained.online_model(version=version, config=self.config.model)
+            predicted = model.predict_pairs(
+                held.column("user").to_pylist(), held.column("item").to_pylist()
             )
-            error = (
-                np.clip(predicted, train.rating_min, train.rating_max)
-                - held.column("rating").to_numpy()
-            )
-            metrics["validation_rmse"] = float(np.sqrt(np.mean(error**2)))
+            metrics["validation_rmse"] = rmse(predicted, held.column("rating").to_numpy())
         return metrics
 
 

@@ -44,7 +44,7 @@ def _model(rank: int, items: int = 2_000) -> OnlineModel:
         global_mean=3.5,
         item_bias=rng.normal(0, 0.3, items),
         train_count=100_000,
-        config=ModelConfig(rank=rank),
+        config=ModelConfig(),
     )
 
 

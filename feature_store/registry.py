@@ -50,11 +50,13 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from feature_store.files import atomic_write, schema_mismatch, sync_folder
-from velox.als import ALSResult
 from velox.errors import DataError, InputError
+from velox.symmetric import pack_upper, packed_size, unpack_upper
+from velox.trained import TrainedModel
 
 log = logging.getLogger(__name__)
 
@@ -109,38 +111,6 @@ class ModelVersion:
         return f"v{self.number}"
 
 
-@dataclass(frozen=True)
-class ModelArtifacts:
-    """What a version holds besides metadata; ``user_gram`` is the full symmetric ``A``."""
-
-    item_ids: np.ndarray
-    item_factors: np.ndarray
-    item_bias: np.ndarray
-    global_mean: float
-    train_count: int
-    user_ids: np.ndarray
-    user_weights: np.ndarray
-    user_gram: np.ndarray
-    user_rhs: np.ndarray
-    user_count: np.ndarray
-
-    @classmethod
-    def from_als(cls, result: ALSResult) -> ModelArtifacts:
-        """A training run's artifacts; its rating count is the users' observation total."""
-        return cls(
-            item_ids=result.item_ids,
-            item_factors=result.item_factors,
-            item_bias=result.item_bias,
-            global_mean=result.global_mean,
-            train_count=int(result.user_count.sum()),
-            user_ids=result.user_ids,
-            user_weights=result.user_weights,
-            user_gram=result.user_gram,
-            user_rhs=result.user_rhs,
-            user_count=result.user_count,
-        )
-
-
 class ModelRegistry:
     """Model versions under ``root``, one folder each, and the ``ACTIVE`` pointer.
 
@@ -152,9 +122,9 @@ class ModelRegistry:
     ...     raise RuntimeError("the training job ran out of memory")
     Traceback (most recent call last):
     RuntimeError: the training job ran out of memory
-    >>> tiny = ModelArtifacts(
+    >>> tiny = TrainedModel(
     ...     item_ids=np.array(["i"]), item_factors=np.ones((1, 1)), item_bias=np.zeros(1),
-    ...     global_mean=3.5, train_count=1, user_ids=np.array(["u"]), user_weights=np.ones((1, 2)),
+    ...     global_mean=3.5, user_ids=np.array(["u"]), user_weights=np.ones((1, 2)),
     ...     user_gram=np.eye(2)[None], user_rhs=np.ones((1, 2)), user_count=np.ones(1, np.int64))
     >>> with registry.building(engine="velox", watermark=42) as version:
     ...     _ = registry.write_artifacts(version.number, tiny)
@@ -186,25 +156,21 @@ class ModelRegistry:
         number = self._active_number()
         return None if number is None else replace(self._stored(number), state="active")
 
-    def load(self, number: int) -> ModelArtifacts:
-        """A version's artifacts as NumPy arrays, schemas checked, ``A`` rebuilt in full."""
+    def load(self, number: int) -> TrainedModel:
+        """A version's trained model as NumPy arrays, schemas checked, ``A`` rebuilt in full."""
         version = self._stored(number)
         items, users = (_read(path, schema) for path, schema in self._artifacts(version))
-        rank, d = version.rank, version.rank + 1
-        rows, cols = np.triu_indices(d)
-        packed = _matrix(users.column("gram"), rows.size)
-        gram = np.empty((packed.shape[0], d, d))
-        gram[:, rows, cols] = packed
-        gram[:, cols, rows] = packed
-        return ModelArtifacts(
+        d = version.rank + 1
+        return TrainedModel(
             item_ids=items.column("item").to_numpy().astype(str),
-            item_factors=_matrix(items.column("factors"), rank),
+            item_factors=_matrix(items.column("factors"), version.rank),
             item_bias=items.column("bias").to_numpy(),
             global_mean=version.global_mean,
             train_count=version.train_count,
+            train_rmse=version.metrics.get("train_rmse"),
             user_ids=users.column("user").to_numpy().astype(str),
             user_weights=_matrix(users.column("weights"), d),
-            user_gram=gram,
+            user_gram=unpack_upper(_matrix(users.column("gram"), packed_size(d)), d),
             user_rhs=_matrix(users.column("rhs"), d),
             user_count=users.column("count").to_numpy(),
         )
@@ -246,40 +212,32 @@ class ModelRegistry:
         log.info("model %s is building (engine %s, watermark %d)", version.name, engine, watermark)
         return version
 
-    def write_artifacts(self, number: int, artifacts: ModelArtifacts) -> ModelVersion:
-        """Store a building version's artifacts, and their scalars in its metadata."""
+    def write_artifacts(self, number: int, trained: TrainedModel) -> ModelVersion:
+        """Store a building version's trained model, and its scalars in its metadata."""
         version = self._stored(number)
         if version.state != "building":
             raise DataError(
                 f"{version.name} is {version.state} and artifacts are written only while a "
                 "version is building; create a new version"
             )
-        rank = _check_shapes(artifacts, f"artifacts for {version.name}")
-        d = rank + 1
-        rows, cols = np.triu_indices(d)
+        trained.check_shapes(f"artifacts for {version.name}")
+        folder = self._folder(number)
         items = pa.table(
             [
-                pa.array(np.asarray(artifacts.item_ids, dtype=str)),
-                pa.array(np.asarray(artifacts.item_bias, dtype=np.float64)),
-                _vectors(artifacts.item_factors, rank),
+                pa.array(np.asarray(trained.item_ids, dtype=str)),
+                pa.array(np.asarray(trained.item_bias, dtype=np.float64)),
+                _vectors(trained.item_factors, trained.rank),
             ],
-            schema=_items_schema(rank),
+            schema=_items_schema(trained.rank),
         )
-        users = pa.table(
-            [
-                pa.array(np.asarray(artifacts.user_ids, dtype=str)),
-                _vectors(artifacts.user_weights, d),
-                _vectors(np.asarray(artifacts.user_gram)[:, rows, cols], rows.size),
-                _vectors(artifacts.user_rhs, d),
-                pa.array(np.asarray(artifacts.user_count, dtype=np.int64)),
-            ],
-            schema=_users_schema(d),
-        )
-        folder = self._folder(number)
         atomic_write(folder / _ITEMS, lambda path: pq.write_table(items, path))
-        atomic_write(folder / _USERS, lambda path: pq.write_table(users, path))
-        scalars = {"global_mean": float(artifacts.global_mean), "rank": rank}
-        version = replace(version, train_count=int(artifacts.train_count), **scalars)
+        _write_users(folder / _USERS, trained)
+        version = replace(
+            version,
+            train_count=int(trained.train_count),
+            global_mean=float(trained.global_mean),
+            rank=trained.rank,
+        )
         _write_metadata(folder, version)
         return version
 
@@ -423,6 +381,28 @@ class ModelRegistry:
         folder.rename(trash)
         shutil.rmtree(trash)
         log.info("model v%d is deleted", number)
+
+    def forget_users(self, users: set[str]) -> int:
+        """Rewrite every version's ``users.parquet`` without ``users``; returns the rows removed.
+
+        A forgotten user's trained statistics must leave every artifact, not
+        only the active one (a rollback would bring them back). Each file is
+        replaced atomically; versions without artifacts are skipped.
+        """
+        removed = 0
+        for number in self._numbers():
+            version = self._stored(number)
+            if version.state == "retired" or version.rank is None:
+                continue
+            path, schema = self._artifacts(version)[1]
+            table = _read(path, schema)
+            gone = pc.is_in(table.column("user"), pa.array(sorted(users), pa.string()))
+            kept = table.filter(pc.invert(gone))
+            if kept.num_rows < table.num_rows:
+                atomic_write(path, lambda target, kept=kept: pq.write_table(kept, target))
+                removed += table.num_rows - kept.num_rows
+                log.info("forgot %d user(s) in %s", table.num_rows - kept.num_rows, version.name)
+        return removed
 
     # ------------------------------------------------------------- internals
 
@@ -575,32 +555,26 @@ def _users_schema(d: int) -> pa.Schema:
         [
             pa.field("user", pa.string(), nullable=False),
             pa.field("weights", pa.list_(pa.float64(), d), nullable=False),
-            pa.field("gram", pa.list_(pa.float64(), d * (d + 1) // 2), nullable=False),
+            pa.field("gram", pa.list_(pa.float64(), packed_size(d)), nullable=False),
             pa.field("rhs", pa.list_(pa.float64(), d), nullable=False),
             pa.field("count", pa.int64(), nullable=False),
         ]
     )
 
 
-def _check_shapes(artifacts: ModelArtifacts, where: str) -> int:
-    """The rank, after checking that every array fits the item and user counts."""
-    n, m = len(artifacts.item_ids), len(artifacts.user_ids)
-    factors = np.shape(artifacts.item_factors)
-    if len(factors) != 2 or factors[0] != n or factors[1] < 1:
-        raise DataError(f"{where}: item_factors has shape {factors}, not ({n}, rank >= 1)")
-    d = factors[1] + 1
-    expected = {
-        "item_bias": (n,),
-        "user_weights": (m, d),
-        "user_gram": (m, d, d),
-        "user_rhs": (m, d),
-        "user_count": (m,),
-    }
-    for name, shape in expected.items():
-        got = np.shape(getattr(artifacts, name))
-        if got != shape:
-            raise DataError(f"{where}: {name} has shape {got}, not {shape} ({n} items, {m} users)")
-    return factors[1]
+def _write_users(path: Path, trained: TrainedModel) -> None:
+    d = trained.rank + 1
+    users = pa.table(
+        [
+            pa.array(np.asarray(trained.user_ids, dtype=str)),
+            _vectors(trained.user_weights, d),
+            _vectors(pack_upper(np.asarray(trained.user_gram)), packed_size(d)),
+            _vectors(trained.user_rhs, d),
+            pa.array(np.asarray(trained.user_count, dtype=np.int64)),
+        ],
+        schema=_users_schema(d),
+    )
+    atomic_write(path, lambda target: pq.write_table(users, target))
 
 
 def _vectors(values: np.ndarray, width: int) -> pa.FixedSizeListArray:

@@ -17,42 +17,17 @@ from feature_store.codec import StateBatch, decode_biases
 from feature_store.durable import DurableModel
 from feature_store.layout import DataLayout
 from feature_store.online import OnlineStore
-from feature_store.registry import ModelArtifacts, ModelRegistry, ModelVersion
+from feature_store.registry import ModelRegistry, ModelVersion
 from velox.backend import Backend
 from velox.config import VeloxConfig
 from velox.errors import DataError
-from velox.features import MatrixFactorization
-from velox.model import OnlineModel
+from velox.trained import TrainedModel
 
 log = logging.getLogger(__name__)
 
 
-def model_of(
-    artifacts: ModelArtifacts, version: str, config: VeloxConfig, backend: Backend
-) -> OnlineModel:
-    """The online model of a version, without users (they come from the store on demand)."""
-    features = MatrixFactorization(
-        artifacts.item_ids,
-        artifacts.item_factors,
-        version=version,
-        backend=backend,
-        dtype=config.model.dtype,
-    )
-    model = OnlineModel(
-        features,
-        global_mean=artifacts.global_mean,
-        item_bias=artifacts.item_bias,
-        train_count=artifacts.train_count,
-        config=config.model,
-        backend=backend,
-    )
-    if config.model.prior == "mean" and len(artifacts.user_ids):
-        model.users.prior_mean = artifacts.user_weights.mean(axis=0).astype(model.users.dtype)
-    return model
-
-
 def trained_users(
-    artifacts: ModelArtifacts, watermark: int, forgotten: set[str] = frozenset()
+    artifacts: TrainedModel, watermark: int, forgotten: set[str] = frozenset()
 ) -> tuple[list[str], StateBatch]:
     """A version's user statistics as checkpoints that include the log up to ``watermark``.
 
@@ -87,7 +62,10 @@ def serve_version(
 ) -> DurableModel:
     """The durable model of ``version`` over ``store``: recovered, or installed first."""
     artifacts = registry.load(version.number)
-    model = model_of(artifacts, version.name, config, backend)
+    # Users come from the store on demand, not all into memory.
+    model = artifacts.online_model(
+        version=version.name, config=config.model, backend=backend, users=False
+    )
     if store_version(store) == version.name:
         return DurableModel(model, store, config.store)
     log.info("installing model %s into %s", version.name, store.path)

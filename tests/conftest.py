@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from hypothesis import settings
 
-from velox.als import ALSParams, Ratings, online_model, train_als
+from velox.als import ALSParams, Ratings, train_als
 from velox.config import ModelConfig
 from velox.datasets import SyntheticSpec, synthesize
 
@@ -46,7 +46,7 @@ def trained(drifting_stream):
 
 @pytest.fixture
 def model(trained):
-    return online_model(trained, version="v1", config=ModelConfig(rank=4, regularization=2.0))
+    return trained.online_model(version="v1", config=ModelConfig(regularization=2.0))
 
 
 def random_features(rng: np.random.Generator, n: int, d: int) -> np.ndarray:

@@ -21,10 +21,10 @@ def velox(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
 
 
 def test_bad_setting_is_one_sentence_and_exit_2():
-    done = velox("--set", "model.rank=-3", "config")
+    done = velox("--set", "train.rank=-3", "config")
     assert done.returncode == 2
     assert done.stderr.count("\n") == 1
-    assert "model.rank = '-3'" in done.stderr and "from 1 to 1024" in done.stderr
+    assert "train.rank = '-3'" in done.stderr and "from 1 to 1024" in done.stderr
     assert "Traceback" not in done.stderr
 
 
@@ -57,7 +57,17 @@ def test_datasets_synth_writes_parquet(tmp_path):
 
 def test_demo_shows_online_beating_the_frozen_model():
     done = velox(
-        "--set", "model.rank=8", "demo", "--users", "400", "--items", "200", "--ratings", "20000"
+        "--set",
+        "train.rank=8",
+        "--set",
+        "train.iterations=5",
+        "demo",
+        "--users",
+        "400",
+        "--items",
+        "200",
+        "--ratings",
+        "20000",
     )
     assert done.returncode == 0, done.stderr
     rmse = {}

@@ -27,14 +27,14 @@ def test_defaults_file_documents_every_setting_with_its_default():
 
 def test_precedence_file_then_environment_then_command_line(tmp_path):
     path = tmp_path / "v.toml"
-    path.write_text("[model]\nrank = 8\nforgetting = 0.9\n[compute]\ndevice = 'cpu'\n")
-    env = {"VELOX_MODEL__RANK": "16", "VELOX_DATA__DIR": "/srv/velox"}
-    config = load_config(path, env=env, overrides=["model.rank=64"])
-    assert config.model.rank == 64
+    path.write_text("[train]\nrank = 8\n[model]\nforgetting = 0.9\n[compute]\ndevice = 'cpu'\n")
+    env = {"VELOX_TRAIN__RANK": "16", "VELOX_DATA__DIR": "/srv/velox"}
+    config = load_config(path, env=env, overrides=["train.rank=64"])
+    assert config.train.rank == 64
     assert config.model.forgetting == 0.9
     assert config.data.dir == "/srv/velox"
     assert config.compute.device == "cpu"
-    assert load_config(path, env={}).model.rank == 8
+    assert load_config(path, env={}).train.rank == 8
 
 
 def test_no_file_gives_defaults(tmp_path, monkeypatch):
@@ -45,16 +45,21 @@ def test_no_file_gives_defaults(tmp_path, monkeypatch):
 @pytest.mark.parametrize(
     ("toml", "env", "overrides", "message"),
     [
-        ("[model]\nrnk = 3\n", {}, [], r"unknown setting model.rnk .*keys of \[model\] are: rank"),
+        (
+            "[train]\nrnk = 3\n",
+            {},
+            [],
+            r"unknown setting train.rnk .*keys of \[train\] are: engine",
+        ),
         ("[modle]\n", {}, [], r"unknown section \[modle\]"),
-        ("[model]\nrank = 'big'\n", {}, [], r"model.rank = 'big' .* must be an integer from 1"),
-        ("[model]\nrank = 2.5\n", {}, [], "must be an integer"),
+        ("[train]\nrank = 'big'\n", {}, [], r"train.rank = 'big' .* must be an integer from 1"),
+        ("[train]\nrank = 2.5\n", {}, [], "must be an integer"),
         ("[model]\nforgetting = 0.0\n", {}, [], r"greater than 0 and at most 1"),
         ("[model]\nregularization = -1\n", {}, [], "greater than 0"),
         ("[model]\ndtype = 'float16'\n", {}, [], "one of 'float64', 'float32'"),
-        ("", {"VELOX_MODEL__RANK": "0"}, [], r"environment variable VELOX_MODEL__RANK"),
+        ("", {"VELOX_TRAIN__RANK": "0"}, [], r"environment variable VELOX_TRAIN__RANK"),
         ("", {"VELOX_NOPE__X": "1"}, [], "names no config section"),
-        ("", {}, ["model.rank"], "must look like section.key=value"),
+        ("", {}, ["train.rank"], "must look like section.key=value"),
         ("", {}, ["compute.device=tpu"], r"command line 'compute.device=tpu'"),
         ("", {}, ["model.regularization=nan"], "must be a number"),
         ("[model\n", {}, [], "is not valid TOML"),

@@ -154,8 +154,6 @@ def test_exploration_only_when_asked():
     model = small_model()
     plain = model.topk("u", 20)
     np.testing.assert_allclose(plain.scores, model.topk("u", 20, explore="none").scores)
-    ucb = model.topk("u", 20, explore="ucb", alpha=1.0)
-    assert ucb.scores.sum() > plain.scores.sum()  # a positive bonus for every item
     draws = {
         tuple(model.topk("u", 3, explore="thompson", alpha=2.0, rng=np.random.default_rng(s)).items)
         for s in range(10)
@@ -167,15 +165,41 @@ def test_exploration_only_when_asked():
         model.topk("u", 0)
 
 
-def test_prior_for_new_users_is_the_mean_of_loaded_users():
-    model = small_model(rank=2, prior="mean")
-    A = np.tile(np.eye(3) * 2.0, (2, 1, 1))
-    b = np.array([[2.0, 0.0, 4.0], [0.0, 2.0, 0.0]])
-    model.load_users(["p", "q"], A, b, np.array([3, 4]))
+def test_ucb_adds_alpha_times_the_posterior_width_of_a_direct_ridge_solve():
+    """Expected values from an independent computation: A = lambda I + sum f f^T, P = A^-1."""
+    model = small_model(rank=3, items=12, regularization=2.0, prior="zero")
+    seen = ["i1", "i4", "i4", "i7"]
+    model.observe_many(["u"] * 4, seen, [5.0, 1.0, 2.0, 4.0])
+    F = model.features.matrix()
+    rows = model.features.lookup(seen)
+    A = 2.0 * np.eye(4) + F[rows].T @ F[rows]
+    width = np.sqrt(np.einsum("ij,jk,ik->i", F, np.linalg.inv(A), F))
+    plain = model.predict("u", model.features.item_ids).scores
+    ucb = model.topk("u", 12, explore="ucb", alpha=0.7)
+    expected = plain + 0.7 * width
+    order = np.argsort(-expected, kind="stable")
+    assert ucb.items == [model.features.item_ids[j] for j in order]
+    np.testing.assert_allclose(ucb.scores, expected[order], rtol=1e-10)
+
+
+def test_prior_for_new_users_is_the_mean_of_trained_users():
+    from velox.trained import TrainedModel
+
+    trained = TrainedModel(
+        item_ids=np.array(["a", "b"]),
+        item_factors=np.array([[1.0, 0.0], [0.0, 1.0]]),
+        item_bias=np.zeros(2),
+        global_mean=3.0,
+        user_ids=np.array(["p", "q"]),
+        user_weights=np.array([[1.0, 0.0, 2.0], [0.0, 1.0, 0.0]]),
+        user_gram=np.tile(np.eye(3) * 2.0, (2, 1, 1)),
+        user_rhs=np.array([[2.0, 0.0, 4.0], [0.0, 2.0, 0.0]]),
+        user_count=np.array([3, 4]),
+    )
+    model = trained.online_model(version="v", config=ModelConfig(prior="mean"))
     np.testing.assert_allclose(model.user_state("p").weights, [1.0, 0.0, 2.0])
     np.testing.assert_allclose(model.user_state("nobody").weights, [0.5, 0.5, 1.0])
-    zero = small_model(rank=2, prior="zero")
-    zero.load_users(["p", "q"], A, b, np.array([3, 4]))
+    zero = trained.online_model(version="v", config=ModelConfig(prior="zero"))
     np.testing.assert_allclose(zero.user_state("nobody").weights, 0.0)
 
 
@@ -187,13 +211,12 @@ def test_online_biases_follow_the_stream():
 
 
 def test_online_learning_beats_the_frozen_model_on_a_drifting_stream(trained, drifting_stream):
-    from velox.als import online_model
     from velox.evaluation import prequential
 
     _, future = drifting_stream
-    config = ModelConfig(rank=4, regularization=2.0)
-    frozen = prequential(online_model(trained, version="v", config=config), future, learn=False)
-    online = prequential(online_model(trained, version="v", config=config), future)
+    config = ModelConfig(regularization=2.0)
+    frozen = prequential(trained.online_model(version="v", config=config), future, learn=False)
+    online = prequential(trained.online_model(version="v", config=config), future)
     assert online.rmse < frozen.rmse - 0.03
     assert frozen.window_rmse[-1] > frozen.window_rmse[0]  # the stale model degrades
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import threading
 from datetime import UTC, datetime
@@ -12,16 +13,18 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from feature_store.registry import ModelArtifacts, ModelRegistry
+from feature_store.registry import ModelRegistry
 from velox.errors import DataError, InputError
+from velox.symmetric import symmetrize
+from velox.trained import TrainedModel
 
 
-def artifacts(seed: int = 0, items: int = 6, users: int = 5, rank: int = 3) -> ModelArtifacts:
+def artifacts(seed: int = 0, items: int = 6, users: int = 5, rank: int = 3) -> TrainedModel:
     """Random artifacts with symmetric positive definite Gram matrices, like a training run's."""
     rng = np.random.default_rng(seed)
     d = rank + 1
     half = rng.normal(size=(users, d, d))
-    return ModelArtifacts(
+    return TrainedModel(
         item_ids=np.array([f"item-{j}" for j in range(items)]),
         item_factors=rng.normal(size=(items, rank)),
         item_bias=rng.normal(size=items),
@@ -29,7 +32,7 @@ def artifacts(seed: int = 0, items: int = 6, users: int = 5, rank: int = 3) -> M
         train_count=41,
         user_ids=np.array([f"user-{j}" for j in range(users)]),
         user_weights=rng.normal(size=(users, d)),
-        user_gram=half @ np.swapaxes(half, 1, 2) + np.eye(d),
+        user_gram=symmetrize(half @ np.swapaxes(half, 1, 2) + np.eye(d)),
         user_rhs=rng.normal(size=(users, d)),
         user_count=rng.integers(1, 20, size=users),
     )
@@ -52,8 +55,8 @@ def snapshot(root: Path) -> dict[str, tuple[bytes, int]]:
     }
 
 
-def assert_equal_artifacts(got: ModelArtifacts, want: ModelArtifacts) -> None:
-    for name in ModelArtifacts.__dataclass_fields__:
+def assert_equal_artifacts(got: TrainedModel, want: TrainedModel) -> None:
+    for name in TrainedModel.__dataclass_fields__:
         np.testing.assert_array_equal(getattr(got, name), getattr(want, name), err_msg=name)
 
 
@@ -77,9 +80,10 @@ def test_artifacts_round_trip_exactly(tmp_path):
 def test_a_training_run_round_trips(tmp_path, trained):
     registry = ModelRegistry(tmp_path)
     with registry.building(engine="velox", watermark=10_000) as version:
-        registry.write_artifacts(version.number, ModelArtifacts.from_als(trained))
+        registry.write_artifacts(version.number, trained)
+        registry.mark_ready(version.number, metrics={"train_rmse": trained.train_rmse})
     loaded = registry.load(version.number)
-    assert_equal_artifacts(loaded, ModelArtifacts.from_als(trained))
+    assert_equal_artifacts(loaded, trained)
     assert registry.get(version.number).train_count == 10_000
     assert registry.get(version.number).rank == 4
 
@@ -88,11 +92,27 @@ def test_artifacts_of_the_wrong_shape_are_refused_and_nothing_is_written(tmp_pat
     registry = ModelRegistry(tmp_path)
     version = registry.create(engine="velox", watermark=0)
     good = artifacts()
-    bad = ModelArtifacts(**{**good.__dict__, "user_gram": good.user_gram[:, :3, :3]})
+    bad = dataclasses.replace(good, user_gram=good.user_gram[:, :3, :3])
     with pytest.raises(DataError, match="user_gram has shape"):
         registry.write_artifacts(version.number, bad)
     assert sorted(p.name for p in (tmp_path / "v000001").iterdir()) == ["metadata.json"]
     assert registry.get(version.number).rank is None
+
+
+def test_forgetting_users_removes_their_rows_from_every_version(tmp_path):
+    registry = ModelRegistry(tmp_path)
+    first, second = ready(registry, seed=1), ready(registry, seed=2)
+    registry.activate(second)
+    assert registry.forget_users({"user-1", "user-3", "nobody"}) == 4
+    for number in (first, second):
+        loaded, written = registry.load(number), artifacts(seed=number)
+        assert loaded.user_ids.tolist() == ["user-0", "user-2", "user-4"]
+        np.testing.assert_array_equal(loaded.user_gram, written.user_gram[[0, 2, 4]])
+        np.testing.assert_array_equal(loaded.user_rhs, written.user_rhs[[0, 2, 4]])
+        raw = (tmp_path / f"v{number:06d}" / "users.parquet").read_bytes()
+        assert b"user-1" not in raw and b"user-3" not in raw
+    assert registry.forget_users({"user-1"}) == 0
+    assert registry.active().number == second
 
 
 # ------------------------------------------------------------------ lifecycle

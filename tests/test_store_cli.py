@@ -11,16 +11,17 @@ from feature_store.durable import DurableModel
 from feature_store.layout import DataLayout
 from feature_store.offline import OfflineStore, log_rows
 from feature_store.online import OnlineStore
-from feature_store.registry import ModelArtifacts, ModelRegistry
+from feature_store.registry import ModelRegistry
 from tests.factories import small_model
 from tests.test_cli import velox
 from velox.config import StoreConfig
+from velox.trained import TrainedModel
 
 
-def _artifacts(d: int = 4) -> ModelArtifacts:
+def _artifacts(d: int = 4) -> TrainedModel:
     rng = np.random.default_rng(0)
     M = rng.normal(size=(3, d, d))
-    return ModelArtifacts(
+    return TrainedModel(
         item_ids=np.array(["i0", "i1"]),
         item_factors=rng.normal(size=(2, d - 1)),
         item_bias=rng.normal(size=2),

@@ -17,6 +17,7 @@ from feature_store.layout import DataLayout
 from feature_store.offline import OFFLINE_SCHEMA, OfflineStore
 from feature_store.registry import ModelRegistry
 from tests.test_cli import velox
+from velox.backend import HAS_CUPY
 from velox.config import load_config
 from velox.datasets import OBSERVATION_SCHEMA
 
@@ -120,6 +121,56 @@ def test_both_modes_equal_a_dense_reference_als_from_the_same_start(
     np.testing.assert_array_equal(got.user_count, np.bincount(users))
 
 
+def test_training_twice_on_different_thread_counts_gives_bit_identical_artifacts(spark, tmp_path):
+    """Same input (in another row order), settings and seed: the same model, bit for bit."""
+    import dataclasses
+
+    import numba
+
+    users, items, ratings = _problem(n=600)
+    ts = np.random.default_rng(3).integers(0, 100, users.size)
+    table = _table(users, items, ratings, ts=ts)
+    shuffled = table.take(np.random.default_rng(9).permutation(table.num_rows))
+    config = _config(tmp_path, "train.mode=single", "train.rank=3", "train.iterations=4")
+    config = dataclasses.replace(config, train=dataclasses.replace(config.train, forgetting=0.95))
+    threads = numba.get_num_threads()
+    versions = []
+    try:
+        for count, data in ((1, table), (max(2, threads), shuffled)):
+            numba.set_num_threads(min(count, numba.config.NUMBA_NUM_THREADS))
+            path = tmp_path / f"ratings-{count}.parquet"
+            pq.write_table(data, path)
+            job = TrainJob(config, source=path, spark=spark, emit=lambda _: None)
+            versions.append(job.run().number)
+    finally:
+        numba.set_num_threads(threads)
+    registry = ModelRegistry(DataLayout.from_config(config).registry)
+    first, second = (registry.load(number) for number in versions)
+    for name in first.__dataclass_fields__:
+        np.testing.assert_array_equal(getattr(first, name), getattr(second, name), err_msg=name)
+    assert registry.get(versions[0]).metrics == registry.get(versions[1]).metrics
+    assert np.array_equal(first.user_gram, np.swapaxes(first.user_gram, 1, 2))
+
+
+def test_the_recorded_validation_rmse_is_that_of_the_served_model(spark, tmp_path):
+    """velox train's validation RMSE equals OnlineModel.predict_pairs' on the same pairs."""
+    users, items, ratings = _problem(n=600)
+    path = tmp_path / "ratings.parquet"
+    pq.write_table(_table(users, items, ratings), path)
+    config = _config(tmp_path, "train.validation=0.2", "train.rank=3", "train.iterations=3")
+    version = TrainJob(config, source=path, spark=spark, emit=lambda _: None).run()
+    held = prepare(read_source(spark, path), rating_min=0, rating_max=5, validation=0.2, seed=0)
+    held = held.validation.toArrow()
+    assert held.num_rows == version.metrics["validation_ratings"] > 0
+    served = ModelRegistry(tmp_path / "data" / "registry").load(version.number)
+    model = served.online_model(version=version.name, config=config.model)
+    predicted = model.predict_pairs(
+        held.column("user").to_pylist(), held.column("item").to_pylist()
+    )
+    error = predicted - held.column("rating").to_numpy()
+    assert version.metrics["validation_rmse"] == float(np.sqrt(np.mean(error**2)))
+
+
 def test_rejects_are_counted_and_written_and_the_latest_duplicate_wins(spark, tmp_path):
     users, items, ratings = _problem(n=300)
     table = _table(users, items, ratings)
@@ -208,16 +259,17 @@ def test_no_java_and_a_wrong_java_are_one_sentence_each(tmp_path):
     assert not (tmp_path / "data" / "registry").exists()
 
 
-def test_missing_and_empty_inputs_and_an_absent_gpu_are_refused(tmp_path):
+def test_missing_and_empty_inputs_are_refused(tmp_path):
     _assert_one_sentence(
         _train_cli(tmp_path, "--input", str(tmp_path / "absent")), "does not exist"
     )
     _assert_one_sentence(_train_cli(tmp_path), "no offline store")
-    from velox.backend import HAS_CUPY
 
-    if not HAS_CUPY:
-        done = velox("--set", "compute.device=gpu", "--set", f"data.dir={tmp_path}", "train")
-        _assert_one_sentence(done, "device = 'gpu' was asked for")
+
+@pytest.mark.skipif(HAS_CUPY, reason="a GPU is present, so asking for one cannot fail")
+def test_an_absent_gpu_is_refused(tmp_path):
+    done = velox("--set", "compute.device=gpu", "--set", f"data.dir={tmp_path}", "train")
+    _assert_one_sentence(done, "device = 'gpu' was asked for")
 
 
 def test_all_rejected_input_and_too_large_a_rank_leave_nothing_ready(spark, tmp_path):

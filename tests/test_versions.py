@@ -7,9 +7,8 @@ import pytest
 
 from feature_store.layout import DataLayout
 from feature_store.online import OnlineStore
-from feature_store.registry import ModelArtifacts, ModelRegistry
+from feature_store.registry import ModelRegistry
 from feature_store.versions import open_active, serve_version, store_version
-from tests.factories import served_model
 from velox.als import ALSParams, Ratings, train_als
 from velox.backend import CPU
 from velox.config import load_config
@@ -27,7 +26,7 @@ def setup(tmp_path):
     for seed, watermark in ((0, 0), (1, 40)):
         result = train_als(Ratings.from_table(table), ALSParams(rank=3, iterations=3, seed=seed))
         with registry.building(engine="velox", watermark=watermark) as version:
-            registry.write_artifacts(version.number, ModelArtifacts.from_als(result))
+            registry.write_artifacts(version.number, result)
         versions.append(registry.get(version.number))
     registry.activate(versions[0].number)
     return config, registry, table
@@ -42,8 +41,10 @@ def _stream(table, n=100, seed=3):
 
 
 def _reference(registry, number, config, observations) -> OnlineModel:
-    """The version's model with every trained user loaded, then the observations applied."""
-    model = served_model(registry, number, config)
+    """The version's in-memory model with every trained user loaded, then the observations."""
+    model = registry.load(number).online_model(
+        version=registry.get(number).name, config=config.model
+    )
     for users, items, ratings in observations:
         model.observe_many(users, items, ratings)
     return model

@@ -1,26 +1,32 @@
-"""Biased alternating least squares over the batched ridge kernels.
-
-The maths the offline trainer needs, written once and called by the Spark job
-in both its modes, the demo and the tests: a half-step builds every row's
-normal equations from the ratings (:func:`velox.kernels.normal_equations`)
-and solves all rows in one batched Cholesky call.
+"""Biased alternating least squares: one driver loop over a half-step executor.
 
 Model: ``y = mu + b_i + x_u . v_i + c_u`` with item features ``f(i) = [v_i, 1]``
-and user weights ``w_u = [x_u, c_u]``.
+and user weights ``w_u = [x_u, c_u]``. The loop (:func:`train_als`) owns the
+maths that is the same wherever the work runs: the weighted global mean, the
+per-row regularisation, the starting factors, the objective and the order of
+half-steps. Where each half-step is solved is an :class:`Executor`:
+:class:`LocalExecutor` builds the normal equations on the driver
+(:func:`velox.kernels.normal_equations`, NumPy or CuPy) and the Spark job's
+executor (``batch_jobs.distributed``) runs the same :func:`half_step` in
+Spark tasks over blocks of rows. Every engine ends in a
+:class:`~velox.trained.TrainedModel`.
 
 * **Regularisation** is scaled by the square root of a row's (weighted)
   rating count: ``lambda_u sqrt(n_u)`` for a user, ``lambda_i sqrt(n_i)`` for
-  an item. On MovieLens 100K this beat both a fixed ``lambda`` and MLlib's
-  linear scaling (``benchmarks/RESULTS.md``). The user half-step's ``A_u``
-  includes its regulariser, and the serving tier continues online from
-  exactly these statistics, so a trained user keeps the prior strength of
-  its training count; a new user starts at ``model.regularization``
-  (set it to ``lambda_u``).
+  an item (``regularization_exponent`` 0.5; 0 gives a fixed ``lambda``, 1
+  MLlib's linear scaling). The user half-step's ``A_u`` includes its
+  regulariser, and the serving tier continues online from exactly these
+  statistics, so a trained user keeps the prior strength of its training
+  count; a new user starts at ``model.regularization``.
 * **Age weights**: with ``forgetting = gamma < 1``, a rating followed by ``k``
   later ratings of the same user weighs ``gamma^k`` (weighted least squares)
   in both half-steps, which is the weight the online update would give it.
 * The run **ends with a user half-step**, so the stored user statistics are
-  those of the final item features.
+  those of the final item features; every stored ``A`` is symmetric by
+  construction (:func:`velox.symmetric.symmetrize`).
+* **Deterministic**: the ratings are put in one canonical order and every row
+  is solved independently, so the same input, parameters and seed give
+  bit-identical models whatever the thread count.
 """
 
 from __future__ import annotations
@@ -29,16 +35,17 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import pyarrow as pa
 
 from velox import kernels
 from velox.backend import CPU, Backend
-from velox.config import ModelConfig
+from velox.config import TrainConfig
 from velox.errors import InputError
-from velox.features import MatrixFactorization
-from velox.model import OnlineModel
+from velox.symmetric import symmetrize
+from velox.trained import TrainedModel
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +55,7 @@ Progress = Callable[[int, float, float, float], None]
 
 @dataclass(frozen=True)
 class ALSParams:
-    """Parameters of biased ALS, validated once; every caller passes them the same way.
+    """Parameters of biased ALS, validated once; every caller builds them the same way.
 
     >>> ALSParams(rank=0)
     Traceback (most recent call last):
@@ -80,10 +87,44 @@ class ALSParams:
         if not 0 < self.forgetting <= 1:
             raise InputError(f"forgetting must be in (0, 1], got {self.forgetting!r}")
 
+    @classmethod
+    def from_config(cls, train: TrainConfig) -> ALSParams:
+        """The parameters ``[train]`` asks for: what ``velox train``, the demo and
+        ``velox serve --bootstrap`` all train with."""
+        return cls(
+            rank=train.rank,
+            user_regularization=train.user_regularization,
+            item_regularization=train.item_regularization,
+            regularization_exponent=train.regularization_exponent,
+            iterations=train.iterations,
+            forgetting=train.forgetting,
+            seed=train.seed,
+        )
+
+
+def age_weights(
+    users: np.ndarray, items: np.ndarray, timestamps: np.ndarray | None, forgetting: float
+) -> np.ndarray:
+    """``forgetting^k`` for a rating followed by ``k`` later ratings of its user (ties: by item).
+
+    >>> age_weights(np.array([0, 0, 1]), np.array([0, 1, 0]), np.array([2.0, 1.0, 5.0]), 0.5)
+    array([1. , 0.5, 1. ])
+    """
+    if forgetting == 1.0:
+        return np.ones(users.size)
+    if timestamps is None:
+        raise InputError("age weights (forgetting < 1) need the ratings' timestamps")
+    order = np.lexsort((items, timestamps, users))
+    counts = np.bincount(users)
+    later = np.empty(users.size, dtype=np.int64)
+    starts = np.repeat(np.cumsum(counts) - counts, counts)
+    later[order] = np.repeat(counts, counts) - 1 - (np.arange(order.size) - starts)
+    return forgetting**later
+
 
 @dataclass(frozen=True)
 class Ratings:
-    """Ratings as dense indices: the form every half-step works on."""
+    """Ratings as dense indices, in canonical (user, item) order: what every half-step reads."""
 
     users: np.ndarray
     items: np.ndarray
@@ -95,7 +136,11 @@ class Ratings:
 
     @classmethod
     def from_table(cls, table: pa.Table) -> Ratings:
-        """Index an observation table (string ids) densely, ids sorted."""
+        """Index an observation table (string ids) densely, ids sorted, rows sorted by ids.
+
+        The row order of ``table`` does not matter: sums over ratings run in
+        the canonical order, so a shuffled table trains the same model bit for bit.
+        """
         user_ids, users = np.unique(
             table.column("user").to_numpy(zero_copy_only=False), return_inverse=True
         )
@@ -106,65 +151,24 @@ class Ratings:
         ts = None
         if "ts" in table.column_names:
             ts = table.column("ts").cast(pa.int64()).to_numpy().astype(np.float64) / 1e6
-        return cls(users, items, values, user_ids.astype(str), item_ids.astype(str), ts)
+        keys = (items, users) if ts is None else (ts, items, users)
+        order = np.lexsort(keys)
+        return cls(
+            users[order],
+            items[order],
+            values[order],
+            user_ids.astype(str),
+            item_ids.astype(str),
+            None if ts is None else ts[order],
+        )
 
     @property
     def shape(self) -> tuple[int, int]:
         return self.user_ids.size, self.item_ids.size
 
     def age_weights(self, forgetting: float) -> np.ndarray:
-        """``forgetting^k`` for a rating followed by ``k`` later ratings of its user."""
-        if forgetting == 1.0:
-            return np.ones(self.values.size)
-        if self.timestamps is None:
-            raise InputError("age weights (forgetting < 1) need the ratings' timestamps")
-        order = np.lexsort((self.items, self.timestamps, self.users))  # ties: by item
-        counts = np.bincount(self.users, minlength=self.shape[0])
-        later = np.empty(self.values.size, dtype=np.int64)
-        starts = np.repeat(np.cumsum(counts) - counts, counts)
-        later[order] = np.repeat(counts, counts) - 1 - (np.arange(order.size) - starts)
-        return forgetting**later
-
-
-@dataclass(frozen=True)
-class ALSResult:
-    """A trained model: item features and biases, and each user's sufficient statistics."""
-
-    user_ids: np.ndarray
-    item_ids: np.ndarray
-    global_mean: float
-    item_factors: np.ndarray
-    item_bias: np.ndarray
-    user_weights: np.ndarray
-    user_gram: np.ndarray
-    user_rhs: np.ndarray
-    user_count: np.ndarray
-    train_rmse: float
-
-    def predict(self, users: np.ndarray, items: np.ndarray) -> np.ndarray:
-        """``mu + b_i + w_u . [v_i, 1]`` for id pairs, as a freshly served version would.
-
-        A user the run did not see gets the mean user weights (the serving
-        prior), an item it did not see the cold features ``[0, 1]`` and bias 0.
-        """
-        user_rows = _lookup(self.user_ids, users)
-        item_rows = _lookup(self.item_ids, items)
-        weights = np.where(
-            (user_rows >= 0)[:, None], self.user_weights[user_rows], self.user_weights.mean(axis=0)
-        )
-        known = item_rows >= 0
-        features = np.zeros((len(items), self.item_factors.shape[1] + 1))
-        features[:, -1] = 1.0
-        features[known, :-1] = self.item_factors[item_rows[known]]
-        bias = np.where(known, self.item_bias[item_rows], 0.0)
-        return self.global_mean + bias + np.einsum("ij,ij->i", weights, features)
-
-
-def _lookup(ids: np.ndarray, wanted: np.ndarray) -> np.ndarray:
-    """Row of each wanted id in the sorted ``ids`` (as :meth:`Ratings.from_table` makes them)."""
-    wanted = np.asarray(wanted).astype(str)
-    rows = np.clip(np.searchsorted(ids, wanted), 0, max(ids.size - 1, 0))
-    return np.where(ids[rows] == wanted, rows, -1) if ids.size else np.full(wanted.size, -1)
+        """Each rating's age weight (see :func:`age_weights`)."""
+        return age_weights(self.users, self.items, self.timestamps, forgetting)
 
 
 @dataclass(frozen=True)
@@ -184,12 +188,9 @@ class RowIndex:
         return cls(indptr, cols[order].astype(np.int64), order)
 
 
-def row_regularization(
-    rows: np.ndarray, weights: np.ndarray, n_rows: int, strength: float, exponent: float
-) -> np.ndarray:
+def row_regularization(weight: np.ndarray, strength: float, exponent: float) -> np.ndarray:
     """``strength * max(n, 1)^exponent`` per row, ``n`` the row's weighted rating count."""
-    counts = np.bincount(rows, weights=weights, minlength=n_rows)
-    return strength * np.maximum(counts, 1.0) ** exponent
+    return strength * np.maximum(weight, 1.0) ** exponent
 
 
 def half_step(
@@ -203,7 +204,7 @@ def half_step(
     """Solve ``min_x sum c (t - x.f_col)^2 + reg_row |x|^2`` for every row; (A, b, x) on the host.
 
     ``targets`` and ``weights`` are in rating order; ``features`` has one row
-    per column of the index.
+    per column of the index. ``A`` comes back exactly symmetric.
     """
     on = backend.asarray
     A, b = kernels.normal_equations(
@@ -214,8 +215,114 @@ def half_step(
         on(features),
         on(regularization),
     )
+    A = symmetrize(A)
     x = kernels.ridge_solve(A, b)
     return backend.to_numpy(A), backend.to_numpy(b), backend.to_numpy(x)
+
+
+@dataclass(frozen=True)
+class Totals:
+    """What the loop needs to know of the ratings before the first half-step."""
+
+    user_weight: np.ndarray
+    """Sum of the age weights of each user's ratings."""
+    item_weight: np.ndarray
+    user_count: np.ndarray
+    """Ratings per user."""
+    weighted_sum: float
+    """``sum c y`` over all ratings."""
+
+    @property
+    def ratings(self) -> int:
+        return int(self.user_count.sum())
+
+    @property
+    def global_mean(self) -> float:
+        """The age-weighted mean rating ``mu``: the one definition every engine uses."""
+        return float(self.weighted_sum / self.user_weight.sum())
+
+
+@dataclass(frozen=True)
+class Solved:
+    """One half-step's solution: a row's ``x`` (and, when asked, its ``A``, ``b``) and errors."""
+
+    x: np.ndarray
+    weighted_error: float
+    """``sum c r^2`` over the ratings, ``r`` the residual after the solve."""
+    squared_error: float
+    """``sum r^2``."""
+    gram: np.ndarray | None = None
+    rhs: np.ndarray | None = None
+
+
+class Executor(Protocol):
+    """Where the half-steps of one training run are solved.
+
+    ``solve("users", F, offsets, reg, statistics)`` solves each user's ridge
+    regression of ``y - offsets[item]`` on the items' features ``F`` (and
+    ``"items"`` the other way round), with the per-row regularisation ``reg``.
+    """
+
+    user_ids: np.ndarray
+    item_ids: np.ndarray
+
+    def totals(self, forgetting: float) -> Totals: ...
+
+    def solve(
+        self,
+        side: str,
+        features: np.ndarray,
+        offsets: np.ndarray,
+        regularization: np.ndarray,
+        statistics: bool,
+    ) -> Solved: ...
+
+
+class LocalExecutor:
+    """Half-steps on the driver (NumPy, or CuPy through ``backend``)."""
+
+    def __init__(self, ratings: Ratings, backend: Backend = CPU) -> None:
+        self.ratings = ratings
+        self.backend = backend
+        self.user_ids, self.item_ids = ratings.user_ids, ratings.item_ids
+        n_users, n_items = ratings.shape
+        self._index = {
+            "users": RowIndex.build(ratings.users, ratings.items, n_users),
+            "items": RowIndex.build(ratings.items, ratings.users, n_items),
+        }
+        self._weights = np.ones(ratings.values.size)
+
+    def totals(self, forgetting: float) -> Totals:
+        r = self.ratings
+        c = self._weights = r.age_weights(forgetting)
+        n_users, n_items = r.shape
+        return Totals(
+            user_weight=np.bincount(r.users, weights=c, minlength=n_users),
+            item_weight=np.bincount(r.items, weights=c, minlength=n_items),
+            user_count=np.bincount(r.users, minlength=n_users),
+            weighted_sum=float(np.sum(c * r.values)),
+        )
+
+    def solve(
+        self,
+        side: str,
+        features: np.ndarray,
+        offsets: np.ndarray,
+        regularization: np.ndarray,
+        statistics: bool,
+    ) -> Solved:
+        r, c = self.ratings, self._weights
+        rows, cols = (r.users, r.items) if side == "users" else (r.items, r.users)
+        targets = r.values - offsets[cols]
+        A, b, x = half_step(self._index[side], targets, c, features, regularization, self.backend)
+        residual = targets - np.einsum("ij,ij->i", x[rows], features[cols])
+        return Solved(
+            x,
+            float(np.sum(c * residual**2)),
+            float(np.sum(residual**2)),
+            A if statistics else None,
+            b if statistics else None,
+        )
 
 
 def check_rank(rank: int, n_users: int, n_items: int) -> None:
@@ -234,55 +341,57 @@ def initial_factors(n_items: int, rank: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).normal(0.0, 0.1, (n_items, rank))
 
 
+def with_constant(factors: np.ndarray) -> np.ndarray:
+    """Features ``[factors, 1]``: the constant coordinate carries the other side's bias."""
+    return np.hstack([factors, np.ones((factors.shape[0], 1))])
+
+
 def train_als(
-    ratings: Ratings,
+    executor: Executor | Ratings,
     params: ALSParams,
     *,
     backend: Backend = CPU,
     init: np.ndarray | None = None,
     progress: Progress | None = None,
-) -> ALSResult:
+) -> TrainedModel:
     """Biased ALS ending with a user half-step, so the user statistics match the final items.
 
-    ``init`` replaces the seeded starting item factors (tests compare modes
-    from the same start); ``progress`` is called after every iteration.
+    ``executor`` is where the half-steps run; plain :class:`Ratings` train on
+    the driver with ``backend``. ``init`` replaces the seeded starting item
+    factors (tests compare modes from the same start); ``progress`` is called
+    after every iteration.
     """
+    if isinstance(executor, Ratings):
+        executor = LocalExecutor(executor, backend)
+    check_rank(params.rank, executor.user_ids.size, executor.item_ids.size)
     with kernels.single_threaded_blas():
-        return _train(ratings, params, backend, init, progress)
+        return _train(executor, params, init, progress)
 
 
 def _train(
-    ratings: Ratings,
+    executor: Executor,
     params: ALSParams,
-    backend: Backend,
     init: np.ndarray | None,
     progress: Progress | None,
-) -> ALSResult:
-    n_users, n_items = ratings.shape
-    check_rank(params.rank, n_users, n_items)
-    rank = params.rank
-    u, i, y = ratings.users, ratings.items, ratings.values
-    c = ratings.age_weights(params.forgetting)
-    mu = float(np.sum(c * y) / np.sum(c))
+) -> TrainedModel:
+    rank, n_items = params.rank, executor.item_ids.size
+    totals = executor.totals(params.forgetting)
+    mu = totals.global_mean
+    exponent = params.regularization_exponent
+    reg_u = row_regularization(totals.user_weight, params.user_regularization, exponent)
+    reg_i = row_regularization(totals.item_weight, params.item_regularization, exponent)
     factors = initial_factors(n_items, rank, params.seed) if init is None else np.asarray(init)
     item_bias = np.zeros(n_items)
-    by_user, by_item = RowIndex.build(u, i, n_users), RowIndex.build(i, u, n_items)
-    exponent = params.regularization_exponent
-    reg_u = row_regularization(u, c, n_users, params.user_regularization, exponent)
-    reg_i = row_regularization(i, c, n_items, params.item_regularization, exponent)
-    for iteration in range(params.iterations + 1):
+    for iteration in range(params.iterations):
         started = time.perf_counter()
-        item_features = np.hstack([factors, np.ones((n_items, 1))])
-        A, b, w = half_step(by_user, y - mu - item_bias[i], c, item_features, reg_u, backend)
-        residual = y - mu - item_bias[i] - np.einsum("ij,ij->i", w[u], item_features[i])
-        rmse = float(np.sqrt(np.mean(residual**2)))
-        if iteration == params.iterations:
-            break
-        fit = float(np.sum(c * residual**2))
-        loss = objective(fit, w, reg_u, np.column_stack([factors, item_bias]), reg_i)
-        user_features = np.hstack([w[:, :rank], np.ones((n_users, 1))])
-        _, _, solved = half_step(by_item, y - mu - w[u, rank], c, user_features, reg_i, backend)
-        factors, item_bias = solved[:, :rank], solved[:, rank]
+        users = executor.solve("users", with_constant(factors), mu + item_bias, reg_u, False)
+        w = users.x
+        loss = objective(
+            users.weighted_error, w, reg_u, np.column_stack([factors, item_bias]), reg_i
+        )
+        items = executor.solve("items", with_constant(w[:, :rank]), mu + w[:, rank], reg_i, False)
+        factors, item_bias = items.x[:, :rank], items.x[:, rank]
+        rmse = float(np.sqrt(users.squared_error / totals.ratings))
         seconds = time.perf_counter() - started
         log.info(
             "ALS iteration %d: train RMSE %.4f, loss %.1f (%.2fs)",
@@ -293,17 +402,36 @@ def _train(
         )
         if progress is not None:
             progress(iteration + 1, rmse, loss, seconds)
-    return ALSResult(
-        user_ids=ratings.user_ids,
-        item_ids=ratings.item_ids,
-        global_mean=mu,
+    return finish(executor, totals, factors, item_bias, reg_u)
+
+
+def finish(
+    executor: Executor,
+    totals: Totals,
+    factors: np.ndarray,
+    item_bias: np.ndarray,
+    user_regularization: np.ndarray,
+) -> TrainedModel:
+    """The final user half-step over fixed item features: every user's exact statistics.
+
+    Every engine ends here (MLlib's included), so a trained user continues
+    online from the statistics of the features that serve.
+    """
+    mu = totals.global_mean
+    users = executor.solve(
+        "users", with_constant(factors), mu + item_bias, user_regularization, True
+    )
+    return TrainedModel(
+        item_ids=executor.item_ids,
         item_factors=factors,
         item_bias=item_bias,
-        user_weights=w,
-        user_gram=A,
-        user_rhs=b,
-        user_count=np.bincount(u, minlength=n_users),
-        train_rmse=rmse,
+        global_mean=mu,
+        user_ids=executor.user_ids,
+        user_weights=users.x,
+        user_gram=users.gram,
+        user_rhs=users.rhs,
+        user_count=totals.user_count,
+        train_rmse=float(np.sqrt(users.squared_error / totals.ratings)),
     )
 
 
@@ -317,23 +445,3 @@ def objective(
     """The loss ALS decreases at every half-step: ``fit`` (weighted squared error) + penalties."""
     penalty = float(np.sum(user_reg * np.sum(user_weights**2, axis=1)))
     return fit + penalty + float(np.sum(item_reg * np.sum(item_parameters**2, axis=1)))
-
-
-def online_model(
-    result: ALSResult, *, version: str, config: ModelConfig | None = None, backend: Backend = CPU
-) -> OnlineModel:
-    """The online model that continues exactly from a training run's final statistics."""
-    config = config or ModelConfig(rank=result.item_factors.shape[1])
-    features = MatrixFactorization(
-        result.item_ids, result.item_factors, version=version, backend=backend, dtype=config.dtype
-    )
-    model = OnlineModel(
-        features,
-        global_mean=result.global_mean,
-        item_bias=result.item_bias,
-        train_count=int(result.user_count.sum()),
-        config=config,
-        backend=backend,
-    )
-    model.load_users(result.user_ids, result.user_gram, result.user_rhs, result.user_count)
-    return model

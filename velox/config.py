@@ -6,7 +6,7 @@ messages and the ``velox config`` listing. ``conf/velox.toml`` is the commented
 copy of the defaults (a test keeps the two in step).
 
 Environment variables are ``VELOX_<SECTION>__<KEY>`` (for example
-``VELOX_MODEL__RANK=64``); CLI overrides are ``section.key=value`` strings.
+``VELOX_TRAIN__RANK=64``); CLI overrides are ``section.key=value`` strings.
 """
 
 from __future__ import annotations
@@ -51,9 +51,8 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """The per-user online model and the shape of the item features."""
+    """The per-user online model; its feature dimension is the served version's (``train.rank``)."""
 
-    rank: int = setting(32, "Latent factors per item; features are [factors, 1].", low=1, high=1024)
     regularization: float = setting(
         1.0, "Ridge lambda of each user's prior (A_u starts at lambda * I).", low=0.0, low_open=True
     )
@@ -144,7 +143,9 @@ class TrainConfig:
     blocks: int = setting(
         0, "Blocks per half-step in distributed mode (0: Spark's parallelism).", low=0
     )
-    rank: int = setting(10, "Latent factors per item.", low=1, high=1024)
+    rank: int = setting(
+        10, "Latent factors per item; the served features are [factors, 1].", low=1, high=1024
+    )
     user_regularization: float = setting(
         1.5, "User ridge strength; scaled by sqrt(ratings of the user).", low=0.0, low_open=True
     )
@@ -153,6 +154,12 @@ class TrainConfig:
         "Item ridge strength; scaled by sqrt(ratings of the item). MLlib's regParam.",
         low=0.0,
         low_open=True,
+    )
+    regularization_exponent: float = setting(
+        0.5,
+        "Exponent e of the per-row ridge strength lambda * n^e (0: fixed, 1: MLlib's linear).",
+        low=0.0,
+        high=1.0,
     )
     iterations: int = setting(15, "ALS iterations (each a user and an item half-step).", low=1)
     forgetting: float = setting(

@@ -13,7 +13,7 @@ import dataclasses
 import time
 from collections.abc import Callable
 
-from velox.als import ALSParams, Ratings, online_model, train_als
+from velox.als import ALSParams, Ratings, train_als
 from velox.backend import get_backend
 from velox.config import VeloxConfig
 from velox.datasets import SyntheticSpec, synthesize
@@ -31,11 +31,11 @@ def run_demo(config: VeloxConfig, spec: SyntheticSpec, emit: Callable[[str], Non
     half = table.num_rows // 2
     train, stream = table.slice(0, half), table.slice(half)
     started = time.perf_counter()
-    params = ALSParams(rank=config.model.rank, iterations=10)
-    result = train_als(Ratings.from_table(train), params, backend=backend)
+    params = ALSParams.from_config(config.train)
+    trained = train_als(Ratings.from_table(train), params, backend=backend)
     emit(
-        f"trained biased ALS (rank {config.model.rank}) on {half} ratings in "
-        f"{time.perf_counter() - started:.1f}s: train RMSE {result.train_rmse:.4f}"
+        f"trained biased ALS (rank {params.rank}, {params.iterations} iterations) on {half} "
+        f"ratings in {time.perf_counter() - started:.1f}s: train RMSE {trained.train_rmse:.4f}"
     )
     variants = {
         "frozen model": (config.model, False),
@@ -44,7 +44,7 @@ def run_demo(config: VeloxConfig, spec: SyntheticSpec, emit: Callable[[str], Non
     }
     reports = {}
     for label, (model_config, learn) in variants.items():
-        model = online_model(result, version="demo", config=model_config, backend=backend)
+        model = trained.online_model(version="demo", config=model_config, backend=backend)
         started = time.perf_counter()
         report = prequential(model, stream, learn=learn)
         rate = report.observations / (time.perf_counter() - started)

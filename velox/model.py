@@ -254,15 +254,10 @@ class OnlineModel:
     def load_users(self, users: Sequence[Any], A: Any, b: Any, count: np.ndarray) -> None:
         """Continue from training: set users' sufficient statistics (``(n, d, d)``, ``(n, d)``).
 
-        With ``prior = "mean"`` the prior of new users becomes the mean weight
-        vector of the loaded users.
+        The new-user prior is the trained model's to set
+        (:meth:`velox.trained.TrainedModel.online_model`).
         """
-        keys = normalize_ids(users, "user")
-        self.users.load(keys, A, b, np.asarray(count))
-        if self.config.prior == "mean" and keys:
-            rows = self.users.find(keys)
-            mean = self.backend.to_numpy(self.users.w[rows].mean(axis=0))
-            self.users.prior_mean = mean.astype(self.users.dtype)
+        self.users.load(normalize_ids(users, "user"), A, b, np.asarray(count))
 
     def user_state(self, user: Any) -> UserState:
         """The user's state; an unknown user gets the prior (``known`` is False)."""
