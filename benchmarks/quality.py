@@ -7,7 +7,8 @@ regularisation strengths), then trains on the whole training part and is
 scored on the test part. Both run 15 iterations; predictions are clipped to
 [1, 5]; a test pair an engine cannot score (MLlib drops unseen users and
 items) gets the training mean. Velox is the single-node solver of
-``velox train`` (``velox.als.train_als``); MLlib is ``pyspark.ml``'s ALS on
+``velox train`` (``velox.als.train_als``), scored by the model it serves
+(``TrainedModel.predict``); MLlib is ``pyspark.ml``'s ALS on
 ``local[2]``.
 
 Usage: ``python -m benchmarks.quality [--data ../shared/data/ml-100k]``.
@@ -28,6 +29,7 @@ import pyarrow as pa
 
 from velox.als import ALSParams, Ratings, train_als
 from velox.datasets import load_movielens
+from velox.evaluation import rmse
 
 RANKS = (10, 20, 50)
 VELOX_STRENGTHS = (0.67, 1.0, 1.33)  # times (user 1.5, item 1.0), each scaled by sqrt(n)
@@ -54,8 +56,9 @@ def split(table: pa.Table, share: float, seed: int) -> tuple[pa.Table, pa.Table]
     return table.take(np.sort(order[cut:])), table.take(np.sort(order[:cut]))
 
 
-def rmse(predicted: np.ndarray, truth: np.ndarray) -> float:
-    return float(np.sqrt(np.mean((np.clip(predicted, 1.0, 5.0) - truth) ** 2)))
+def clipped_rmse(predicted: np.ndarray, truth: np.ndarray) -> float:
+    """The protocol's score: predictions clipped to MovieLens' [1, 5] scale first."""
+    return rmse(np.clip(predicted, 1.0, 5.0), truth)
 
 
 def velox_rmse(train: pa.Table, test: pa.Table, rank: int, strength: float) -> float:
@@ -65,12 +68,9 @@ def velox_rmse(train: pa.Table, test: pa.Table, rank: int, strength: float) -> f
         item_regularization=1.0 * strength,
         iterations=ITERATIONS,
     )
-    result = train_als(Ratings.from_table(train), params)
-    predicted = result.predict(
-        test.column("user").to_numpy(zero_copy_only=False),
-        test.column("item").to_numpy(zero_copy_only=False),
-    )
-    return rmse(predicted, test.column("rating").to_numpy())
+    trained = train_als(Ratings.from_table(train), params)
+    predicted = trained.predict(test.column("user").to_pylist(), test.column("item").to_pylist())
+    return clipped_rmse(predicted, test.column("rating").to_numpy())
 
 
 def mllib_rmse(spark, train: pa.Table, test: pa.Table, rank: int, reg: float) -> float:
@@ -105,7 +105,7 @@ def mllib_rmse(spark, train: pa.Table, test: pa.Table, rank: int, reg: float) ->
     rows = scored.column("row").to_numpy()
     known = np.isfinite(values)
     predicted[rows[known]] = values[known]
-    return rmse(predicted, test.column("rating").to_numpy())
+    return clipped_rmse(predicted, test.column("rating").to_numpy())
 
 
 def tune(engine: str, score, grid, train: pa.Table, test: pa.Table) -> Choice:

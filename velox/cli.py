@@ -1,7 +1,7 @@
 """The ``velox`` command line. Errors a user can cause print one sentence and exit 2.
 
-Commands of the other packages (``velox store``, later ``velox train`` and
-``velox serve``) plug in through the ``velox.commands`` entry-point group:
+Commands of the other packages (``velox store``, ``velox train``, ``velox serve``,
+``velox models``) plug in through the ``velox.commands`` entry-point group:
 each entry is a function that adds its sub-parsers and sets a ``handler``
 default taking ``(args, config)``. So the core never imports the packages
 built on it (DESIGN.md, section 2), yet one ``velox`` command serves them all.

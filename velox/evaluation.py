@@ -1,7 +1,8 @@
-"""Prequential (predict-then-learn) evaluation: the one entry point for tests, benchmarks,
-the CLI and the notebooks.
+"""Prequential (predict-then-learn) evaluation and the error measure every figure uses.
 
-Every observation is first predicted by the model as it stands, then (when
+:func:`prequential` is the one replay of a stream that the tests, the demo
+and the benchmarks use (a ``velox evaluate`` command and the notebook are
+not built yet). Every observation is first predicted by the model as it stands, then (when
 ``learn``) applied, in micro-batches of ``batch_size`` as the serving tier
 would. The error is therefore always measured on data the model has not seen.
 """
