@@ -27,20 +27,18 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 
 from velox import kernels
+from velox.api import EXPLORE_MODES, Explore, normalize_ids
 from velox.backend import CPU, Backend
 from velox.biases import OnlineBiases
 from velox.config import ModelConfig
 from velox.errors import InputError
 from velox.features import FeatureModel
 from velox.state import RidgeTable
-
-Explore = Literal["none", "ucb", "thompson"]
-EXPLORE_MODES: tuple[str, ...] = ("none", "ucb", "thompson")
 
 
 @dataclass(frozen=True)
@@ -97,22 +95,6 @@ class UserState:
     version: str
     last_update: float
     known: bool
-
-
-def normalize_ids(ids: Iterable[Any], what: str) -> list[str]:
-    """Ids are strings; integers are accepted and turned into strings."""
-    ids = list(ids)
-    if all(type(value) is str and value for value in ids):  # the common case, checked fast
-        return ids
-    out = []
-    for value in ids:
-        if isinstance(value, bool) or not isinstance(value, str | int | np.integer):
-            raise InputError(f"{what} ids must be strings or integers, got {value!r}")
-        text = str(value)
-        if not text:
-            raise InputError(f"{what} ids must not be empty")
-        out.append(text)
-    return out
 
 
 def _rounds(keys: Sequence[str]) -> list[np.ndarray]:
