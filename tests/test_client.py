@@ -320,6 +320,7 @@ async def test_users_models_and_probes(real):
 
 
 async def test_not_ready_is_an_answer_and_not_retried(real):
+    """The 503 is injected: the real server says "not ready" only while its model loads."""
     real.fail("/readyz", "unavailable")
     async with AsyncClient(real.url, retries=2, backoff=0.001) as velox:
         assert not await velox.ready()
@@ -344,6 +345,7 @@ async def test_ids_are_quoted_as_one_path_segment(real):
 
 
 async def test_error_answers_raise_api_errors_and_are_not_retried(real):
+    """The 422 and 404 are the server's; the plain-text 500 is injected (a proxy's page)."""
     real.fail("/predict", "plain")
     async with AsyncClient(real.url, retries=2, backoff=0.001) as velox:
         with pytest.raises(VeloxAPIError) as plain:
@@ -371,6 +373,8 @@ async def test_error_answers_raise_api_errors_and_are_not_retried(real):
 
 
 async def test_an_answer_of_another_shape_says_so(aiohttp_server):
+    """A one-route app stands for a server of another version (this one cannot answer so)."""
+
     async def models(request: web.Request) -> web.Response:
         return web.json_response({"active": "v1"})
 
@@ -407,6 +411,7 @@ async def test_bearer_tokens_are_sent(bootstrapped, tmp_path, aiohttp_server):
 
 
 async def test_a_safe_call_is_retried_through_503s_with_backoff(real):
+    """The 503s are injected; the answer after them is the real server's."""
     real.fail("/predict", "unavailable", "unavailable")
     real.fail("/users/{user}", "unavailable", "unavailable", "unavailable")
     async with AsyncClient(real.url, retries=2, backoff=0.02) as velox:
@@ -423,6 +428,7 @@ async def test_a_safe_call_is_retried_through_503s_with_backoff(real):
 
 
 async def test_observe_is_retried_only_with_an_idempotency_key(real):
+    """The 503s are injected; the answer after them is the real server's."""
     real.fail("/observe", "unavailable", "unavailable")
     async with AsyncClient(real.url, retries=3, backoff=0.001) as velox:
         with pytest.raises(VeloxAPIError) as unavailable:
@@ -436,6 +442,7 @@ async def test_observe_is_retried_only_with_an_idempotency_key(real):
 
 
 async def test_a_reset_connection_is_retried_only_when_safe(real):
+    """The resets are injected (the server aborts the connection before answering)."""
     real.fail("/predict", "reset", "reset")
     real.fail("/observe", "reset")
     async with AsyncClient(real.url, retries=2, backoff=0.001) as velox:
@@ -461,6 +468,7 @@ async def test_a_refused_connection_is_retried_then_reported():
 
 
 async def test_an_answer_that_never_comes_is_a_timeout(real):
+    """The hang is injected: the request is held until the test ends."""
     real.fail("/predict", "hang", "hang")
     async with AsyncClient(real.url, timeout=0.05, retries=1, backoff=0.001) as velox:
         with pytest.raises(VeloxConnectionError, match="after 2 attempts"):

@@ -11,9 +11,10 @@ success has another shape); an unreachable server becomes a
 whose message is one sentence meant for the user.
 
 Ids follow the model's rule (:mod:`velox.api`): strings, integers accepted and
-sent as strings; anything else is refused before a request is sent. The module
-imports only aiohttp and that rule, not the model, NumPy or Numba, so a
-process that only calls the service stays small and starts fast.
+sent as strings; anything else is refused before a request is sent. Besides
+the standard library the module imports aiohttp, :mod:`velox.api` and
+:mod:`velox.errors`, never the model, NumPy or Numba, so a process that only
+calls the service stays small and starts fast.
 
 Calls that are safe to repeat are retried on connection failures (refused,
 reset, timed out) and on 502/503/504, with exponential backoff; ``/readyz``'s
