@@ -1,0 +1,179 @@
+"""``velox models``: list, show, activate, roll back, retain and delete model versions.
+
+Registered as a ``velox.commands`` entry point (see :mod:`velox.cli`). The
+registry's ``ACTIVE`` pointer is the single truth of which version serves: a
+running server follows it (:mod:`serving.versions`), so ``activate`` and
+``rollback`` end in the server switching, and they wait for the server at
+``serve.host:serve.port`` to say it serves the new version (``--wait 0``
+does not wait). ``list`` and ``show`` say which version that server serves
+and whether it lags the pointer, when one answers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import time
+import urllib.error
+import urllib.request
+from typing import Any
+
+from feature_store.layout import DataLayout
+from feature_store.registry import ModelRegistry, ModelVersion
+from velox.config import VeloxConfig
+from velox.errors import DataError, InputError
+
+_WAIT = 60.0
+"""Default seconds to wait for a running server to serve a newly active version."""
+
+
+def register(commands: argparse._SubParsersAction) -> None:
+    """Add ``velox models`` and its sub-commands to the command line."""
+    models = commands.add_parser("models", help="model versions in the registry")
+    actions = models.add_subparsers(dest="models_command", required=True)
+    actions.add_parser("list", help="every version, its state, and what the server serves")
+    show = actions.add_parser("show", help="one version's metadata")
+    show.add_argument("version", help="version number: 3 or v3")
+    activate = actions.add_parser("activate", help="make a ready version the active one")
+    activate.add_argument("version", help="version number: 3 or v3")
+    rollback = actions.add_parser("rollback", help="activate the newest older ready version")
+    for command in (activate, rollback):
+        command.add_argument(
+            "--wait",
+            type=float,
+            default=_WAIT,
+            metavar="SECONDS",
+            help=f"wait this long for a running server to serve it (default {_WAIT:g}; 0: no)",
+        )
+    retain = actions.add_parser("retain", help="retire ready versions beyond the newest KEEP")
+    retain.add_argument("keep", type=int, help="how many ready or active versions to keep")
+    delete = actions.add_parser("delete", help="remove a version that is not active")
+    delete.add_argument("version", help="version number: 3 or v3")
+    models.set_defaults(handler=_run)
+
+
+def _run(args: argparse.Namespace, config: VeloxConfig) -> None:
+    registry = ModelRegistry(DataLayout.from_config(config).registry)
+    command = args.models_command
+    if command == "list":
+        _list(registry, config)
+    elif command == "show":
+        _show(registry.get(_number(args.version)), config)
+    elif command in ("activate", "rollback"):
+        if command == "activate":
+            version = registry.activate(_number(args.version))
+        else:
+            version = registry.rollback()
+        print(f"{version.name} is the registry's active version")
+        _await_server(config, version.name, args.wait)
+    elif command == "retain":
+        retired = registry.retain(args.keep)
+        names = ", ".join(f"v{n}" for n in retired) or "none"
+        print(f"retired: {names}")
+    elif command == "delete":
+        number = _number(args.version)
+        registry.delete(number)
+        print(f"deleted v{number}")
+
+
+def _number(text: str) -> int:
+    match = re.fullmatch(r"v?([0-9]{1,9})", text.strip())
+    if match is None:
+        raise InputError(f"a model version is a number like 3 or v3, not {text!r}")
+    return int(match[1])
+
+
+def _list(registry: ModelRegistry, config: VeloxConfig) -> None:
+    rows = [("version", "state", "created", "engine", "watermark", "metrics")]
+    for v in registry.versions():
+        metrics = " ".join(f"{k}={value:.4g}" for k, value in sorted(v.metrics.items()))
+        rows.append((v.name, v.state, v.created, v.engine, str(v.watermark), metrics))
+    widths = [max(len(row[c]) for row in rows) for c in range(len(rows[0]) - 1)]
+    for row in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=False)), row[-1])
+    print(_server_line(config))
+
+
+def _show(version: ModelVersion, config: VeloxConfig) -> None:
+    fields = {
+        "version": version.name,
+        "state": version.state,
+        "created": version.created,
+        "engine": version.engine,
+        "mode": version.mode,
+        "device": version.device,
+        "rank": version.rank,
+        "watermark": version.watermark,
+        "train_count": version.train_count,
+        "global_mean": version.global_mean,
+        "parameters": json.dumps(version.parameters, sort_keys=True),
+        "metrics": json.dumps(version.metrics, sort_keys=True),
+        "timings": json.dumps(version.timings, sort_keys=True),
+        "error": version.error,
+    }
+    for name, value in fields.items():
+        if value not in (None, ""):
+            print(f"{name}: {value}")
+    print(_server_line(config))
+
+
+def _server_url(config: VeloxConfig) -> str:
+    host = config.serve.host
+    host = "127.0.0.1" if host in ("0.0.0.0", "") else host
+    return f"http://{host}:{config.serve.port}"
+
+
+def _served(config: VeloxConfig) -> dict[str, Any] | None:
+    """``GET /models`` of the server at the configured address; None when none answers."""
+    request = urllib.request.Request(f"{_server_url(config)}/models")
+    token = config.serve.read_token or config.serve.admin_token
+    if token:
+        request.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=5) as response:
+            return json.load(response)
+    except urllib.error.HTTPError as exc:
+        raise DataError(
+            f"the server at {_server_url(config)} answered GET /models with {exc.code}; "
+            "check serve.read_token"
+        ) from None
+    except (OSError, ValueError):  # nothing listens there, or it is not a Velox server
+        return None
+
+
+def _server_line(config: VeloxConfig) -> str:
+    served = _served(config)
+    if served is None:
+        return f"no server answers at {_server_url(config)}"
+    line = f"the server at {_server_url(config)} serves {served['serving']}"
+    if served["lagging"]:
+        line += f", not yet the registry's active {served['active']}"
+    if served.get("problem"):
+        line += f" ({served['problem']})"
+    return line
+
+
+def _await_server(config: VeloxConfig, name: str, wait: float) -> None:
+    """Wait until the running server serves ``name``; say what it does."""
+    if wait <= 0:
+        return
+    deadline = time.monotonic() + wait
+    while True:
+        served = _served(config)
+        if served is None:
+            print(f"no server answers at {_server_url(config)}; one started later serves {name}")
+            return
+        if served["serving"] == name:
+            print(f"the server at {_server_url(config)} serves {name}")
+            return
+        if served.get("problem") and served["active"] == name:
+            raise DataError(
+                f"the server at {_server_url(config)} cannot switch: {served['problem']}"
+            )
+        if time.monotonic() > deadline:
+            raise DataError(
+                f"the server at {_server_url(config)} still serves {served['serving']} after "
+                f"{wait:g} s; see its log, or wait longer with --wait"
+            )
+        time.sleep(0.2)
