@@ -9,7 +9,6 @@ observations in /metrics stays the same).
 from __future__ import annotations
 
 import re
-import signal
 
 import pytest
 import requests
@@ -17,7 +16,7 @@ import schemathesis
 from schemathesis import GenerationMode
 
 from serving.openapi import openapi_document
-from tests.test_serve_process import _free_port, _start
+from tests.test_serve_process import Server
 from tests.test_serving import _publish
 
 schema = schemathesis.openapi.from_dict(openapi_document())
@@ -33,11 +32,9 @@ _APPLIED = re.compile(r"^velox_prequential_observations_total\{[^}]*\} (\S+)$", 
 def live(tmp_path_factory):
     root = tmp_path_factory.mktemp("fuzz")
     _publish(root)
-    port = _free_port()
-    server = _start(root, port)
-    yield f"http://127.0.0.1:{port}"
-    server.send_signal(signal.SIGTERM)
-    server.wait(timeout=60)
+    server = Server(root)
+    yield server.url
+    assert server.stop() == 0
 
 
 def _applied(base: str) -> float:
