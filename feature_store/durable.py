@@ -22,21 +22,30 @@
   a crash equals the state before it: a user's statistics bit for bit, the item
   biases and fold-ins up to the rounding of their sums (live, a batch adds to
   them user round by user round; replay adds in log order).
+* Failures surface: failed write-backs and evictions are counted
+  (:attr:`DurableModel.failures`) and described (:attr:`DurableModel.problem`),
+  and :meth:`DurableModel.observe` refuses new batches with
+  :class:`Unavailable` while write-back keeps failing or the cache holds more
+  states than :data:`CACHE_LIMIT` times its capacity, so memory stays bounded
+  on a failing disk. The first write-back that succeeds lifts the refusal.
 
 Locks, always taken in this order: ``_flush_lock`` serialises checkpoints;
 ``_write_lock`` serialises writers, so the log's order is the order batches
 were applied, and keeps a checkpoint from catching a batch between its apply
 and its commit; ``_lock`` guards the model itself and is held only while the
 model changes or is read (not during the commit), so readers wait at most
-one kernel call.
+one kernel call. ``_health_lock`` guards only the failure counters and is
+never held while another lock is taken.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass
 from itertools import islice
 from typing import Any
 
@@ -58,6 +67,20 @@ log = logging.getLogger(__name__)
 
 _REPLAY_CHUNK = 8192
 _EVICT_TO = 0.9  # evict down to this share of the capacity, so eviction is not every batch
+CACHE_LIMIT = 2
+"""Writes are refused while the cache holds more than this many times ``cache_users`` states
+(it only can when dirty states cannot be written back, so none can be evicted)."""
+REFUSE_AFTER = 3
+"""Writes are refused after this many checkpoint write-backs in a row have failed."""
+
+
+@dataclass
+class _Streak:
+    """Failures of one kind in a row: since when, how many, the last one."""
+
+    since: float
+    count: int
+    error: str
 
 
 class DurableModel:
@@ -86,6 +109,9 @@ class DurableModel:
         self._applied_seq = self._persisted_seq = store.checkpoint_seq
         self._broken: str | None = None
         self._retired = ""
+        self._health_lock = threading.Lock()
+        self._failures = {"write_back": 0, "eviction": 0}
+        self._streaks: dict[str, _Streak] = {}
         self.recovered = self._recover() if recover else 0
         self.reapplied = 0
         self._writer: threading.Thread | None = None
@@ -159,8 +185,11 @@ class DurableModel:
         idempotent requests are stored with the log records. Bad input raises
         :class:`InputError` before anything changes. If the write fails, the
         memory is ahead of the log: the model refuses further writes until it
-        is reopened (which recovers from the log).
+        is reopened (which recovers from the log). :class:`Unavailable`
+        (nothing applied) while write-back keeps failing or the cache is over
+        its limit: retry once the disk is fixed.
         """
+        self._admit()
         with self._write_lock:
             with self._lock:
                 self._check_usable()
@@ -172,11 +201,86 @@ class DurableModel:
                 raise self._break(f"a log commit failed ({exc})") from exc
             with self._lock:
                 self._mark(applied, seqs)
-        try:
-            self._shrink()
-        except Exception:  # the batch is logged: its answer must not say otherwise
-            log.exception("evicting users after a commit failed; the cache stays over its bound")
+        self._shrink()  # the batch is logged: a failed eviction is counted, not raised
         return applied, seqs
+
+    def _admit(self) -> None:
+        """Raise :class:`Unavailable` if a new batch would grow memory that cannot be written back.
+
+        While refused, each call first tries one write-back and eviction
+        itself, so a disk that works again lifts the refusal at once, with
+        or without the background writer.
+        """
+        if self._refusal() is None:
+            return
+        with suppress(Exception):  # counted in _persist; the refusal below says why
+            self.flush()
+        self._shrink()
+        refusal = self._refusal()
+        if refusal is not None:
+            raise Unavailable(f"observations are refused: {refusal}")
+
+    def _refusal(self) -> str | None:
+        """Why writes are refused now (a clause, with what to do), or None."""
+        held, limit = len(self.model.users), CACHE_LIMIT * self.config.cache_users
+        if held > limit:
+            return (
+                f"the cache holds {held} user states, over its limit of {limit}, because they "
+                f"cannot be written back ({self._describe_streaks()}); "
+                f"fix the disk under {self.store.path} (free space, check its errors)"
+            )
+        streak = self._streaks.get("write_back")
+        if streak is not None and streak.count >= REFUSE_AFTER:
+            return (
+                f"checkpoint write-back keeps failing ({self._describe_streaks()}); "
+                f"fix the disk under {self.store.path} (free space, check its errors)"
+            )
+        return None
+
+    @property
+    def problem(self) -> str | None:
+        """None when healthy; else one sentence: what fails, since when, what to do."""
+        if self._broken is not None:
+            return f"the store refuses writes: {self._broken}; restart the server to recover"
+        refusal = self._refusal()
+        if refusal is not None:
+            return f"observations are refused: {refusal}"
+        if self._streaks:
+            return f"{self._describe_streaks()}; check the disk under {self.store.path}"
+        return None
+
+    @property
+    def failures(self) -> dict[str, int]:
+        """Failures since this model opened, by kind: ``write_back`` and ``eviction``."""
+        with self._health_lock:
+            return dict(self._failures)
+
+    def _describe_streaks(self) -> str:
+        with self._health_lock:
+            streaks = sorted(self._streaks.items(), key=lambda pair: pair[1].since)
+        return (
+            "; ".join(
+                f"{kind.replace('_', '-')} has failed {streak.count} times in a row since "
+                f"{time.strftime('%H:%M:%S UTC', time.gmtime(streak.since))} (last: {streak.error})"
+                for kind, streak in streaks
+            )
+            or "no failure recorded"
+        )
+
+    def _failed(self, kind: str, exc: Exception) -> None:
+        with self._health_lock:
+            self._failures[kind] += 1
+            streak = self._streaks.setdefault(kind, _Streak(time.time(), 0, ""))
+            streak.count += 1
+            streak.error = f"{type(exc).__name__}: {exc}"
+            count = streak.count
+        log.warning("%s failed (%d in a row): %s", kind.replace("_", "-"), count, exc)
+
+    def _succeeded(self, kind: str) -> None:
+        with self._health_lock:
+            streak = self._streaks.pop(kind, None)
+        if streak is not None:
+            log.info("%s works again after %d failures", kind.replace("_", "-"), streak.count)
 
     def sync_log(self) -> None:
         """Make every logged batch durable (see :meth:`OnlineStore.sync_log`); thread-safe.
@@ -357,11 +461,17 @@ class DurableModel:
         self.close()
 
     def _write_back_loop(self) -> None:
+        """Write dirty states back every interval; a failure is retried at the next one.
+
+        Failures do not only go to the log: they are counted, described by
+        :attr:`problem`, and refuse writes after :data:`REFUSE_AFTER` in a row.
+        """
         while not self._stop.wait(self.config.checkpoint_interval):
             try:
                 self.flush()
-            except Exception:
-                log.exception("background checkpoint failed; will retry")
+            except Exception:  # counted in _persist, and surfaces as problem and refusals
+                continue
+            self._shrink()  # states written back can now be evicted
 
     def _snapshot(self) -> tuple[tuple[list[str], tuple], tuple[list[str], tuple], bytes, int]:
         """Copies of what a checkpoint must hold now (called with ``_lock`` held)."""
@@ -374,13 +484,19 @@ class DurableModel:
         return parts[0], parts[1], biases, upto
 
     def _persist(self, snapshot: tuple) -> None:
+        """Write a snapshot as a checkpoint; every outcome is counted (see :attr:`problem`)."""
         users, items, biases, upto = snapshot
         states = {
             family: (keys, StateBatch(*stats))
             for family, (keys, stats) in (("users", users), ("items", items))
             if keys
         }
-        self.store.write_checkpoint(states, biases, upto, self.config.state_dtype)
+        try:
+            self.store.write_checkpoint(states, biases, upto, self.config.state_dtype)
+        except Exception as exc:
+            self._failed("write_back", exc)
+            raise
+        self._succeeded("write_back")
         with self._lock:
             self._persisted_seq = upto
             self.model.users.mark_saved(users[0], users[1][3])
@@ -389,12 +505,24 @@ class DurableModel:
     def _shrink(self) -> None:
         """Evict least recently used clean users while the cache is over capacity.
 
-        Under the write lock: a batch between its apply and its commit has
-        rows that look clean (not yet marked) and must not be evicted.
+        Dirty users are written back first if too few are clean. A failure
+        is counted (:attr:`failures`) and never raised: the callers' batch or
+        read has done its work, and :meth:`observe` refuses new batches
+        before the cache outgrows :data:`CACHE_LIMIT`.
         """
         capacity = self.config.cache_users
         if len(self.model.users) <= capacity or self._broken is not None:
             return
+        try:
+            self._evict(capacity)
+        except Exception as exc:
+            self._failed("eviction", exc)
+            return
+        self._succeeded("eviction")
+
+    def _evict(self, capacity: int) -> None:
+        """Under the write lock: a batch between its apply and its commit has
+        rows that look clean (not yet marked) and must not be evicted."""
         table = self.model.users
         with self._write_lock, self._lock:
             need = len(table) - int(capacity * _EVICT_TO)
@@ -498,8 +626,12 @@ class Busy(DataError):
     """A read could not get the model within its deadline (a batch is being applied)."""
 
 
-class Replaced(Busy):
+class Replaced(DataError):
     """This model has handed its store to another version; ask the new one."""
+
+
+class Unavailable(DataError):
+    """Writes are refused because states cannot be written back; nothing was applied."""
 
 
 def _chunks(records: Iterator[tuple[int, bytes]]) -> Iterator[tuple[np.ndarray, list[bytes]]]:

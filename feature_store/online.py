@@ -19,6 +19,9 @@ Parquet artifacts of their version, and the serving tier holds them in memory.
 
 from __future__ import annotations
 
+import fcntl
+import os
+import struct
 import threading
 from pathlib import Path
 
@@ -37,6 +40,9 @@ from velox.errors import DataError
 __all__ = ["LogReader", "OnlineStore", "Receipt"]
 
 _FORMAT_KEY = b"format_version"
+_FLOCK = struct.Struct("hhqqi4x")  # struct flock on Linux: type, whence, start, len, pid
+_open_here: set[Path] = set()  # stores this process holds read-write (their LOCK is ours)
+_open_here_lock = threading.Lock()
 
 
 def _options() -> rocksdict.Options:
@@ -67,24 +73,10 @@ class OnlineStore(ObservationLog, Checkpoints, RatedIndex, Receipts, Forgetting)
                     f"{self.path} is a RocksDB database but not a Velox store "
                     f"(column families {sorted(families)}); pass another folder"
                 )
-        try:
-            self._db = rocksdict.Rdict(
-                str(self.path),
-                _options(),
-                column_families=family_options(),
-                access_type=(
-                    rocksdict.AccessType.read_only()
-                    if read_only
-                    else rocksdict.AccessType.read_write()
-                ),
-            )
-        except Exception as exc:
-            if "lock" in str(exc).lower():
-                raise DataError(
-                    f"store {self.path} is in use by another process (its LOCK is held); "
-                    "stop that process, or open a read-only view (velox store inspect)"
-                ) from None
-            raise DataError(f"store {self.path} could not be opened: {exc}") from None
+        with _open_here_lock:
+            self._db = self._open_database(existed)
+            if not read_only:
+                _open_here.add(self.path.resolve())
         self._cf = {name: self._db.get_column_family(name) for name in COLUMN_FAMILIES}
         self._handles = {name: self._db.get_column_family_handle(name) for name in COLUMN_FAMILIES}
         try:
@@ -96,6 +88,33 @@ class OnlineStore(ObservationLog, Checkpoints, RatedIndex, Receipts, Forgetting)
         self._sync = rocksdict.WriteOptions()
         self._sync.sync = True
         self._open_log(self.checkpoint_seq)
+
+    def _open_database(self, existed: bool) -> rocksdict.Rdict:
+        """The RocksDB handle; a store another holder has locked is refused by who holds it.
+
+        rocksdict raises a bare ``Exception`` whatever went wrong, so the lock
+        is checked first, by its state: held in this process (RocksDB's lock
+        is a POSIX lock, which closing any descriptor of the file would drop,
+        so the file is not even opened then), or held by another process.
+        """
+        if not self.read_only and existed:
+            here = self.path.resolve() in _open_here
+            holder = "this process" if here else _lock_holder(self.path)
+            if holder is not None:
+                raise DataError(
+                    f"store {self.path} is in use by {holder} (its LOCK is held); stop that "
+                    "process or close the store, or open a read-only view (velox store inspect)"
+                )
+        access = rocksdict.AccessType
+        try:
+            return rocksdict.Rdict(
+                str(self.path),
+                _options(),
+                column_families=family_options(),
+                access_type=access.read_only() if self.read_only else access.read_write(),
+            )
+        except Exception as exc:  # rocksdict raises a bare Exception for every failed open
+            raise DataError(f"store {self.path} could not be opened: {exc}") from None
 
     def _check_format(self, existed: bool) -> None:
         meta = self._cf["meta"]
@@ -137,9 +156,26 @@ class OnlineStore(ObservationLog, Checkpoints, RatedIndex, Receipts, Forgetting)
         self._cf.clear()
         self._handles.clear()
         self._db.close()
+        if not self.read_only:
+            with _open_here_lock:
+                _open_here.discard(self.path.resolve())
 
     def __enter__(self) -> OnlineStore:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _lock_holder(path: Path) -> str | None:
+    """Which other process holds the store's LOCK (RocksDB's POSIX lock), if any."""
+    try:
+        descriptor = os.open(path / "LOCK", os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    try:
+        query = _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, 0, 0, 0)
+        kind, *_, pid = _FLOCK.unpack(fcntl.fcntl(descriptor, fcntl.F_GETLK, query))
+    finally:
+        os.close(descriptor)
+    return None if kind == fcntl.F_UNLCK else f"another process (pid {pid})"

@@ -98,6 +98,15 @@ def test_a_store_held_by_another_process_is_refused(tmp_path):
     OnlineStore(path).close()  # free again once the holder has gone
 
 
+def test_a_store_open_in_this_process_is_refused_and_keeps_its_lock(tmp_path):
+    path = tmp_path / "db"
+    with OnlineStore(path) as store:
+        with pytest.raises(DataError, match="in use by this process"):
+            OnlineStore(path)
+        store.commit(applied(["u1"], ["i1"], [4.0], [1.0]))  # the first handle still writes
+    OnlineStore(path).close()  # and the lock is free once it is closed
+
+
 def test_a_second_process_reads_the_log_while_the_server_holds_the_store(tmp_path):
     path = tmp_path / "db"
     writer = subprocess.Popen(
