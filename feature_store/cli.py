@@ -14,8 +14,8 @@ from typing import Any
 
 from feature_store.backup import backup, restore, summarize
 from feature_store.layout import DataLayout
-from feature_store.offline import OfflineStore
-from feature_store.online import OnlineStore
+from feature_store.versions import open_active
+from velox.backend import CPU
 from velox.config import VeloxConfig
 from velox.errors import DataError
 
@@ -89,10 +89,14 @@ def _restore(args: argparse.Namespace, config: VeloxConfig) -> None:
 
 
 def _forget(args: argparse.Namespace, config: VeloxConfig) -> None:
+    """The server's path: the active version's durable model forgets (checkpoint first)."""
     layout = DataLayout.from_config(config)
     if not layout.online.is_dir():
         raise DataError(f"no Velox store in data folder {layout.root}; check data.dir")
-    with OnlineStore(layout.online) as store:
-        logged = store.delete_user(args.user)
-    stored = OfflineStore(layout.offline).delete_user(args.user) if layout.offline.is_dir() else 0
-    print(f"forgot user {args.user!r}: {logged} log records and {stored} offline rows removed")
+    durable, _ = open_active(config, CPU)
+    with durable:
+        gone = durable.delete_user(args.user)
+    print(
+        f"forgot user {args.user!r}: {gone.log_records} log records, {gone.offline_rows} "
+        f"offline rows and {gone.registry_rows} registry rows removed"
+    )

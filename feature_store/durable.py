@@ -58,7 +58,10 @@ from feature_store.codec import (
     decode_observation,
     encode_biases,
 )
+from feature_store.layout import DataLayout
+from feature_store.offline import OfflineStore
 from feature_store.online import OnlineStore, Receipt
+from feature_store.registry import ModelRegistry
 from velox.config import StoreConfig
 from velox.errors import DataError, InputError
 from velox.model import Applied, OnlineModel, Prediction, UserState, normalize_ids
@@ -72,6 +75,15 @@ CACHE_LIMIT = 2
 (it only can when dirty states cannot be written back, so none can be evicted)."""
 REFUSE_AFTER = 3
 """Writes are refused after this many checkpoint write-backs in a row have failed."""
+
+
+@dataclass(frozen=True)
+class Forgotten:
+    """What forgetting a user removed: log records, offline rows, registry rows."""
+
+    log_records: int
+    offline_rows: int
+    registry_rows: int
 
 
 @dataclass
@@ -382,21 +394,33 @@ class DurableModel:
                 raise InputError(f"no state for users {missing[:5]}")
             return self.model.users.statistics(rows)
 
-    def delete_user(self, user: Any) -> int:
-        """Forget a user: state in memory and on disk, and every log record; records removed.
+    def delete_user(self, user: Any) -> Forgotten:
+        """Forget a user everywhere: state, log records, offline rows, registry artifacts.
 
-        A checkpoint is written first, so what the user's observations added
-        to the (anonymous) item biases and fold-ins stays consistent with the
-        log that remains.
+        ``velox store forget`` and ``DELETE /users/{id}`` both come here. A
+        checkpoint is written first, so what the user's observations added to
+        the (anonymous) item biases and fold-ins stays consistent with the log
+        that remains. Only that and the deletion itself (found through the
+        rated index, not a scan of the log) hold the locks; erasing the
+        deleted records from RocksDB's files and rewriting the offline
+        store's and the registry's Parquet files (when the store is in a data
+        folder) run after, while observations and reads go on.
         """
         (key,) = normalize_ids([user], "user")
         with self._flush_lock, self._write_lock, self._lock:
             self._check_usable()
             self._persist(self._snapshot())
-            removed = self.store.delete_user(key)
+            records = self.store.delete_user(key)
             if key in self.model.users:
                 self.model.users.evict([key])
-        return removed
+        self.store.erase(key, records)
+        layout = DataLayout.around(self.store.path)
+        offline = registry = 0
+        if layout is not None and layout.offline.is_dir():
+            offline = OfflineStore(layout.offline).delete_user(key)
+        if layout is not None and layout.registry.is_dir():
+            registry = ModelRegistry(layout.registry).forget_users({key})
+        return Forgotten(len(records), offline, registry)
 
     # ------------------------------------------------------------ write-back
 

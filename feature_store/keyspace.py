@@ -10,14 +10,16 @@ named after it):
 * ``users``: user id (UTF-8) -> state record (sufficient statistics tagged
   with the last sequence number they include; :mod:`feature_store.checkpoints`);
 * ``items``: the same for items folded in online (unknown to the model version);
-* ``rated``: ``user \\0 item`` -> empty, for every logged pair, written with the
-  log (:mod:`feature_store.rated`: what top-K excludes);
-* ``forgotten``: ids of deleted users -> the log position of the deletion
-  (:mod:`feature_store.forget`);
-* ``meta``: the format version, the online biases, the checkpoint watermark
+* ``rated``: :func:`user_prefix` + item + sequence number -> empty, for every
+  logged observation, written with the log (:mod:`feature_store.rated`: what
+  top-K excludes, and which log records are a user's when they are forgotten);
+* ``forgotten``: a keyed hash of each deleted user's id -> the log position
+  of the deletion (:mod:`feature_store.forget`);
+* ``meta``: the store's format, the online biases, the checkpoint watermark
   and the install marker (:mod:`feature_store.checkpoints`), the next
-  sequence number and the durable watermark (:mod:`feature_store.log`), and
-  the idempotency receipts (:mod:`feature_store.receipts`).
+  sequence number and the durable watermark (:mod:`feature_store.log`), the
+  idempotency receipts (:mod:`feature_store.receipts`) and the secret of the
+  tombstones' hash (:mod:`feature_store.forget`).
 
 :class:`StoreParts` declares what every part shares: the one database
 handle, its column families and the commit lock, all owned by
@@ -26,6 +28,7 @@ handle, its column families and the commit lock, all owned by
 
 from __future__ import annotations
 
+import struct
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -35,6 +38,8 @@ import rocksdict
 from feature_store.codec import Observation, decode_observation
 from velox.errors import DataError
 
+STORE_FORMAT = 2
+"""The key layout's version (1: rated pairs without sequence numbers, tombstones by id)."""
 COLUMN_FAMILIES = ("log", "users", "items", "rated", "forgotten", "meta")
 STATE_FAMILIES = ("users", "items")
 ABOVE_UTF8 = b"\xff"  # no UTF-8 key starts with 0xff, so [b"", this) spans a family
@@ -45,8 +50,14 @@ def seq_key(seq: int) -> bytes:
     return seq.to_bytes(8, "big")
 
 
-def pair_key(user: str, item: str) -> bytes:
-    return user.encode() + b"\0" + item.encode()
+def user_prefix(user: str) -> bytes:
+    """What every rated key of ``user`` starts with, and no other user's does.
+
+    The id's length comes first, so one id that begins with another (ids may
+    hold any character, NUL included) never shares its prefix.
+    """
+    encoded = user.encode()
+    return struct.pack(">H", len(encoded)) + encoded
 
 
 def last_seq(log_family: rocksdict.Rdict) -> int:

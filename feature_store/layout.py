@@ -18,6 +18,11 @@ class DataLayout:
     def from_config(cls, config: VeloxConfig) -> DataLayout:
         return cls(Path(config.data.dir))
 
+    @classmethod
+    def around(cls, online: Path) -> DataLayout | None:
+        """The data folder whose online store is at ``online``; None for a store on its own."""
+        return cls(online.parent) if online.name == "online" else None
+
     @property
     def online(self) -> Path:
         return self.root / "online"

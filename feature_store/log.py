@@ -68,7 +68,7 @@ class ObservationLog(StoreParts):
             batch = rocksdict.WriteBatch(raw_mode=True)
             for offset, record in enumerate(records):
                 batch.put(seq_key(first + offset), record, self._handles["log"])
-            add_pairs(batch, self._handles["rated"], applied.users, applied.items)
+            add_pairs(batch, self._handles["rated"], applied.users, applied.items, first)
             last = first + len(records) - 1
             synced = last if sync else self._synced
             batch.put(SYNCED_KEY, seq_key(synced), self._handles["meta"])

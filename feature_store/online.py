@@ -28,9 +28,8 @@ from pathlib import Path
 import rocksdict
 
 from feature_store.checkpoints import Checkpoints
-from feature_store.codec import FORMAT_VERSION
 from feature_store.forget import Forgetting
-from feature_store.keyspace import COLUMN_FAMILIES, check_folder, family_options
+from feature_store.keyspace import COLUMN_FAMILIES, STORE_FORMAT, check_folder, family_options
 from feature_store.log import ObservationLog
 from feature_store.log_reader import LogReader
 from feature_store.rated import RatedIndex
@@ -45,14 +44,24 @@ _open_here: set[Path] = set()  # stores this process holds read-write (their LOC
 _open_here_lock = threading.Lock()
 
 
-def _options() -> rocksdict.Options:
+def open_options() -> rocksdict.Options:
+    """The database's options.
+
+    Every change of the file set (a flush, a compaction) starts a new
+    MANIFEST with the current file list instead of appending to the old one:
+    a MANIFEST records each table file's smallest and largest key, so an
+    appended history would keep the ids of forgotten users that once bounded
+    a file. The list is small (a few KB), and changes are rare (one per
+    memtable flush or compaction).
+    """
     options = rocksdict.Options(raw_mode=True)
     options.create_if_missing(True)
     options.create_missing_column_families(True)
+    options.set_max_manifest_file_size(1)
     return options
 
 
-class OnlineStore(ObservationLog, Checkpoints, RatedIndex, Receipts, Forgetting):
+class OnlineStore(ObservationLog, Checkpoints, Forgetting, RatedIndex, Receipts):
     """Durable observation log and user-state checkpoints in RocksDB."""
 
     def __init__(self, path: str | Path, *, read_only: bool = False) -> None:
@@ -79,14 +88,14 @@ class OnlineStore(ObservationLog, Checkpoints, RatedIndex, Receipts, Forgetting)
                 _open_here.add(self.path.resolve())
         self._cf = {name: self._db.get_column_family(name) for name in COLUMN_FAMILIES}
         self._handles = {name: self._db.get_column_family_handle(name) for name in COLUMN_FAMILIES}
+        self._lock = threading.Lock()
+        self._sync = rocksdict.WriteOptions()
+        self._sync.sync = True
         try:
             self._check_format(existed)
         except DataError:
             self.close()
             raise
-        self._lock = threading.Lock()
-        self._sync = rocksdict.WriteOptions()
-        self._sync.sync = True
         self._open_log(self.checkpoint_seq)
 
     def _open_database(self, existed: bool) -> rocksdict.Rdict:
@@ -109,7 +118,7 @@ class OnlineStore(ObservationLog, Checkpoints, RatedIndex, Receipts, Forgetting)
         try:
             return rocksdict.Rdict(
                 str(self.path),
-                _options(),
+                open_options(),
                 column_families=family_options(),
                 access_type=access.read_only() if self.read_only else access.read_write(),
             )
@@ -122,13 +131,27 @@ class OnlineStore(ObservationLog, Checkpoints, RatedIndex, Receipts, Forgetting)
         if stored is None:
             if existed:
                 raise DataError(f"{self.path} has no Velox format marker; it is not a Velox store")
-            meta[_FORMAT_KEY] = bytes([FORMAT_VERSION])
+            meta[_FORMAT_KEY] = bytes([STORE_FORMAT])
             return
-        if stored[0] > FORMAT_VERSION:
+        if stored[0] > STORE_FORMAT:
             raise DataError(
                 f"store {self.path} was written by a newer Velox (format {stored[0]}, this one "
-                f"reads up to {FORMAT_VERSION}); upgrade Velox"
+                f"reads up to {STORE_FORMAT}); upgrade Velox"
             )
+        if stored[0] < STORE_FORMAT and not self.read_only:
+            self._upgrade()
+
+    def _upgrade(self) -> None:
+        """Bring a store of the first format to this one, in one synced write (once).
+
+        Its rated index had no sequence numbers (it is rebuilt from the log)
+        and its tombstones held the ids (they are re-keyed by their hash).
+        """
+        batch = rocksdict.WriteBatch(raw_mode=True)
+        self._rebuild_rated(batch)
+        self._hash_tombstones(batch)
+        batch.put(_FORMAT_KEY, bytes([STORE_FORMAT]), self._handles["meta"])
+        self._db.write(batch, self._sync)
 
     def counts(self) -> dict[str, int]:
         """Approximate number of entries per column family (RocksDB's estimate)."""

@@ -1,16 +1,22 @@
-"""The rated-pair index: which items each user has rated, written with the log.
+"""The rated index: every logged observation's user, item and sequence number.
 
-Top-K excludes what a user already rated; the index answers that with one
-prefix scan of the ``rated`` family instead of a scan of the log.
+Written with the log, in the same batch. Its keys are
+:func:`~feature_store.keyspace.user_prefix` + item + sequence number, so one
+prefix scan finds what a user rated (what top-K excludes) and exactly which
+log records are theirs (what forgetting deletes), without reading the log.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import rocksdict
 
-from feature_store.keyspace import StoreParts, pair_key
+from feature_store.keyspace import ABOVE_UTF8, StoreParts, iterate_log, seq_key, user_prefix
+
+
+def rated_key(user: str, item: str, seq: int) -> bytes:
+    return user_prefix(user) + item.encode() + seq_key(seq)
 
 
 def add_pairs(
@@ -18,10 +24,11 @@ def add_pairs(
     rated: rocksdict.ColumnFamily,
     users: Sequence[str],
     items: Sequence[str],
+    first: int,
 ) -> None:
-    """Put the logged ``(user, item)`` pairs into ``batch``."""
-    for user, item in zip(users, items, strict=True):
-        batch.put(pair_key(user, item), b"", rated)
+    """Put the observations logged from sequence number ``first`` on into ``batch``."""
+    for offset, (user, item) in enumerate(zip(users, items, strict=True)):
+        batch.put(rated_key(user, item, first + offset), b"", rated)
 
 
 class RatedIndex(StoreParts):
@@ -29,11 +36,23 @@ class RatedIndex(StoreParts):
 
     def rated(self, user: str) -> set[str]:
         """The items ``user`` has rated, as logged."""
-        prefix = pair_key(user, "")
+        return {key[len(user_prefix(user)) : -8].decode() for key in self._rated_keys(user)}
+
+    def user_records(self, user: str) -> list[int]:
+        """The sequence numbers of ``user``'s log records, in order."""
+        return sorted(int.from_bytes(key[-8:], "big") for key in self._rated_keys(user))
+
+    def _rated_keys(self, user: str) -> Iterator[bytes]:
+        prefix = user_prefix(user)
         cursor = self._cf["rated"].iter()
         cursor.seek(prefix)
-        items = set()
         while cursor.valid() and cursor.key().startswith(prefix):
-            items.add(cursor.key()[len(prefix) :].decode())
+            yield cursor.key()
             cursor.next()
-        return items
+
+    def _rebuild_rated(self, batch: rocksdict.WriteBatch) -> None:
+        """Rebuild the index from the log into ``batch`` (stores of the first format)."""
+        rated = self._handles["rated"]
+        batch.delete_range(b"", ABOVE_UTF8 * 3, rated)  # every key (a length comes first)
+        for seq, observation in iterate_log(self._cf["log"], 0):
+            batch.put(rated_key(observation.user, observation.item, seq), b"", rated)

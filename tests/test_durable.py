@@ -172,7 +172,7 @@ def test_forgetting_a_user_removes_state_and_log_records_for_good(tmp_path):
     mine = sum(1 for _, o in durable.store.log_after(0) if o.user == "u4")
     prior = durable.predict("never-seen", ["i1"]).scores
     assert mine > 0
-    assert durable.delete_user("u4") == mine
+    assert durable.delete_user("u4").log_records == mine
     assert "u4" not in durable.model.users
     assert durable.user_state("u4").known is False
     np.testing.assert_array_equal(durable.predict("u4", ["i1"]).scores, prior)
@@ -259,7 +259,7 @@ def test_sequence_numbers_are_never_reused_after_the_newest_records_are_deleted(
     durable = _open(path)
     durable.observe(["keep"], ["i1"], [4.0], [1.0])
     durable.observe(["gone", "gone"], ["i2", "i3"], [2.0, 3.0], [2.0, 3.0])  # seqs 2, 3
-    assert durable.delete_user("gone") == 2
+    assert durable.delete_user("gone").log_records == 2
     durable.close()
     reopened = _open(path)
     _, seqs = reopened.observe(["keep"], ["i4"], [5.0], [4.0])

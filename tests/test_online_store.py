@@ -9,7 +9,8 @@ import textwrap
 import numpy as np
 import pytest
 
-from feature_store.codec import FORMAT_VERSION, StateBatch
+from feature_store.codec import StateBatch
+from feature_store.keyspace import STORE_FORMAT
 from feature_store.online import LogReader, OnlineStore
 from tests.factories import applied
 from velox.errors import DataError
@@ -64,7 +65,7 @@ def test_a_folder_of_other_files_is_not_a_store_and_is_left_alone(tmp_path):
 
 def test_a_store_from_a_newer_format_is_refused(tmp_path):
     with OnlineStore(tmp_path / "db") as store:
-        store._cf["meta"][b"format_version"] = bytes([FORMAT_VERSION + 1])
+        store._cf["meta"][b"format_version"] = bytes([STORE_FORMAT + 1])
     with pytest.raises(DataError, match="newer Velox"):
         OnlineStore(tmp_path / "db")
 
@@ -164,3 +165,31 @@ def test_a_second_process_reads_the_log_while_the_server_holds_the_store(tmp_pat
 def test_a_log_reader_without_a_store_says_so(tmp_path):
     with pytest.raises(DataError, match="no Velox store"):
         LogReader(tmp_path / "absent", tmp_path / "scratch")
+
+
+def test_the_rated_index_finds_a_users_records_even_when_one_id_begins_another(tmp_path):
+    with OnlineStore(tmp_path / "db") as store:
+        store.commit(applied(["a", "a\0b", "a", "ab"], ["x", "y", "z", "x"], [1.0] * 4, [1.0] * 4))
+        assert store.rated("a") == {"x", "z"} and store.rated("a\0b") == {"y"}
+        assert store.user_records("a") == [1, 3] and store.user_records("ab") == [4]
+        assert store.delete_user("a") == [1, 3]
+        assert [seq for seq, _ in store.log_after(0)] == [2, 4]
+        assert store.rated("a\0b") == {"y"} and store.forgotten(["a", "ab"]) == {"a"}
+
+
+def test_a_store_of_the_first_format_is_upgraded_once_on_opening(tmp_path):
+    path = tmp_path / "db"
+    with OnlineStore(path) as store:
+        store.commit(applied(["u1", "u2", "u1"], ["i1", "i2", "i3"], [1.0] * 3, [1.0] * 3))
+        rated, forgotten, meta = (store._cf[name] for name in ("rated", "forgotten", "meta"))
+        for key in list(rated.keys()):  # what the first format wrote
+            del rated[key]
+        for user, item in (("u1", "i1"), ("u2", "i2"), ("u1", "i3")):
+            rated[f"{user}\0{item}".encode()] = b""
+        forgotten[b"gone"] = (2).to_bytes(8, "big")
+        meta[b"format_version"] = bytes([1])
+        del rated, forgotten, meta  # views keep the database open
+    with OnlineStore(path) as store:
+        assert store.rated("u1") == {"i1", "i3"} and store.user_records("u1") == [1, 3]
+        assert store.forgotten(["gone", "u1"]) == {"gone"}
+        assert b"gone" not in list(store._cf["forgotten"].keys())  # keyed by its hash now

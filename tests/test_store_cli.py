@@ -12,36 +12,53 @@ from feature_store.layout import DataLayout
 from feature_store.offline import OfflineStore, log_rows
 from feature_store.online import OnlineStore
 from feature_store.registry import ModelRegistry
-from tests.factories import small_model
+from feature_store.versions import open_active
 from tests.test_cli import velox
-from velox.config import StoreConfig
+from velox.backend import CPU
+from velox.config import load_config
 from velox.trained import TrainedModel
 
+TRAINED = ["a", "bob", "c"]
 
-def _artifacts(d: int = 4) -> TrainedModel:
+
+def _artifacts(users: list[str], items: int = 2, d: int = 4) -> TrainedModel:
     rng = np.random.default_rng(0)
-    M = rng.normal(size=(3, d, d))
+    M = rng.normal(size=(len(users), d, d))
     return TrainedModel(
-        item_ids=np.array(["i0", "i1"]),
-        item_factors=rng.normal(size=(2, d - 1)),
-        item_bias=rng.normal(size=2),
+        item_ids=np.array([f"i{j}" for j in range(items)]),
+        item_factors=rng.normal(size=(items, d - 1)),
+        item_bias=rng.normal(size=items),
         global_mean=3.5,
         train_count=40,
-        user_ids=np.array(["a", "b", "c"]),
-        user_weights=rng.normal(size=(3, d)),
+        user_ids=np.array(users),
+        user_weights=rng.normal(size=(len(users), d)),
         user_gram=M @ M.transpose(0, 2, 1),
-        user_rhs=rng.normal(size=(3, d)),
-        user_count=np.array([10, 20, 10]),
+        user_rhs=rng.normal(size=(len(users), d)),
+        user_count=rng.integers(5, 20, len(users)),
     )
+
+
+def _with_model(layout: DataLayout, trained: TrainedModel) -> None:
+    """Register ``trained`` as the data folder's version 1, active, trained on no log."""
+    registry = ModelRegistry(layout.registry)
+    with registry.building(engine="velox", watermark=0) as version:
+        registry.write_artifacts(version.number, trained)
+        registry.mark_ready(version.number, metrics={"validation_rmse": 0.9})
+    registry.activate(version.number)
+
+
+def _durable(layout: DataLayout) -> DurableModel:
+    """The active version over the data folder's store, as ``velox serve`` opens it."""
+    config = load_config(None, overrides=[f"data.dir={layout.root}", "store.checkpoint_interval=0"])
+    return open_active(config, CPU)[0]
 
 
 @pytest.fixture
 def data(tmp_path) -> DataLayout:
-    """A data folder with logged observations, checkpoints, offline rows and a model."""
+    """A data folder with a model, logged observations, checkpoints and offline rows."""
     layout = DataLayout(tmp_path / "data")
-    durable = DurableModel(
-        small_model(), OnlineStore(layout.online), StoreConfig(checkpoint_interval=0)
-    )
+    _with_model(layout, _artifacts(TRAINED))
+    durable = _durable(layout)
     rng = np.random.default_rng(4)
     for day in range(3):
         users = rng.choice(["ann", "bob", "cy", "dee"], size=20).tolist()
@@ -49,11 +66,6 @@ def data(tmp_path) -> DataLayout:
         durable.observe(users, items, rng.integers(1, 6, 20), np.full(20, 1.7e9 + day * 86400))
     OfflineStore(layout.offline).append(log_rows(durable.store.log_after(0)))
     durable.close()
-    registry = ModelRegistry(layout.registry)
-    with registry.building(engine="velox", watermark=60) as version:
-        registry.write_artifacts(version.number, _artifacts())
-        registry.mark_ready(version.number, metrics={"validation_rmse": 0.9})
-    registry.activate(version.number)
     return layout
 
 
@@ -95,7 +107,7 @@ def test_backup_then_restore_brings_every_store_back(data, tmp_path):
     assert done.returncode == 0, done.stderr
     assert _everything(elsewhere) == before
     # The copy is independent: writing to the restored store leaves the original alone.
-    with DurableModel(small_model(), OnlineStore(elsewhere.online)) as durable:
+    with _durable(elsewhere) as durable:
         durable.observe(["ann"], ["i1"], [5.0], [1.8e9])
     assert _everything(data) == before
 
@@ -103,7 +115,7 @@ def test_backup_then_restore_brings_every_store_back(data, tmp_path):
 def test_restore_over_a_store_needs_replace_and_moves_the_old_one_aside(data, tmp_path):
     assert _store(data, "backup", str(tmp_path / "b1")).returncode == 0
     before = _everything(data)
-    with DurableModel(small_model(), OnlineStore(data.online)) as durable:
+    with _durable(data) as durable:
         durable.observe(["ann"], ["i1"], [5.0], [1.8e9])
     changed = _everything(data)
     refused = _store(data, "restore", str(tmp_path / "b1"))
@@ -140,16 +152,18 @@ def test_store_commands_refuse_clearly_and_change_nothing(data, tmp_path, setup,
     assert not (tmp_path / "b2").exists() and not list(tmp_path.glob(".b2*"))
 
 
-def test_forget_removes_the_user_from_the_log_the_state_and_the_offline_store(data):
+def test_forget_removes_the_user_from_the_log_the_state_the_offline_store_and_the_model(data):
     before = _everything(data)
     mine = sum(1 for _, o in before["log"] if o.user == "bob")
     done = _store(data, "forget", "bob")
     assert done.returncode == 0, done.stderr
-    assert f"{mine} log records and {mine} offline rows" in done.stdout
+    assert f"{mine} log records, {mine} offline rows and 1 registry rows" in done.stdout
     after = _everything(data)
     assert [e for e in before["log"] if e[1].user != "bob"] == after["log"]
     assert after["states"][0] == [True, False, True, True]
     assert [r for r in before["offline"] if r["user"] != "bob"] == after["offline"]
-    with DurableModel(small_model(), OnlineStore(data.online)) as durable:
+    kept = [gram for user, gram in zip(TRAINED, before["model"], strict=True) if user != "bob"]
+    assert after["model"] == kept
+    with _durable(data) as durable:
         assert durable.user_state("bob").known is False
         assert durable.user_state("ann").observations > 0
