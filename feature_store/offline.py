@@ -15,8 +15,11 @@ watermark are replaced atomically (write to a temporary name, then rename).
 
 from __future__ import annotations
 
+import fcntl
 import logging
-from collections.abc import Iterable
+import re
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +37,17 @@ log = logging.getLogger(__name__)
 
 OFFLINE_SCHEMA = OBSERVATION_SCHEMA.append(pa.field("seq", pa.int64(), nullable=False))
 _WATERMARK = "_watermark"
+_WRITER_LOCK = "_writer.lock"
+_RANGE = re.compile(r"seq-(\d{20})-(\d{20})")
+
+
+def range_name(first: int, last: int, suffix: str) -> str:
+    """The name of a file that holds sequence numbers ``first`` to ``last``.
+
+    >>> range_name(1, 512, ".parquet")
+    'seq-00000000000000000001-00000000000000000512.parquet'
+    """
+    return f"seq-{first:020d}-{last:020d}{suffix}"
 
 
 def log_rows(entries: Iterable[tuple[int, Observation]]) -> pa.Table:
@@ -88,17 +102,79 @@ class OfflineStore:
         fresh = rows.filter(pc.greater(rows.column("seq"), self.watermark))
         if fresh.num_rows == 0:
             return 0
-        days = pc.strftime(fresh.column("ts"), format="%Y-%m-%d", locale="C")
+        self.write_days(fresh)
+        self._set_watermark(int(pc.max(fresh.column("seq")).as_py()))
+        return fresh.num_rows
+
+    def write_days(self, rows: pa.Table) -> dict[str, int]:
+        """Write ``rows`` as one file per day, named by its sequence range; rows per day.
+
+        The watermark does not move: a writer calls :meth:`advance_watermark`
+        once every file of its range is written. Rewriting the same rows
+        replaces the same files, so a retried write stores nothing twice.
+        """
+        days = pc.strftime(rows.column("ts"), format="%Y-%m-%d", locale="C")
+        written = {}
         for day in pc.unique(days).to_pylist():
-            part = fresh.filter(pc.equal(days, day))
+            part = rows.filter(pc.equal(days, day))
             part = part.sort_by("seq")
             first, last = part.column("seq")[0].as_py(), part.column("seq")[-1].as_py()
             folder = self.root / f"date={day}"
             folder.mkdir(exist_ok=True)
-            target = folder / f"seq-{first:020d}-{last:020d}.parquet"
+            target = folder / range_name(first, last, ".parquet")
             atomic_write(target, lambda p, t=part: pq.write_table(t, p))
-        self._set_watermark(int(pc.max(fresh.column("seq")).as_py()))
-        return fresh.num_rows
+            written[day] = part.num_rows
+        return written
+
+    def advance_watermark(self, value: int) -> None:
+        """Declare every row up to ``value`` stored, once its files are all written.
+
+        Moving it back would let a later append store rows twice, so that is
+        a :class:`DataError`.
+        """
+        if value < self.watermark:
+            raise DataError(
+                f"the offline watermark cannot move back from {self.watermark} to {value}"
+            )
+        self._set_watermark(value)
+
+    def discard_uncommitted(self) -> list[Path]:
+        """Remove what a writer that died before moving the watermark left; the paths removed.
+
+        That is every file under the store named by a sequence range that
+        starts above the watermark (:func:`range_name`), and the temporary
+        files of such writes. Call it only under :meth:`writer`.
+        """
+        mark = self.watermark
+        removed = []
+        for path in sorted(self.root.rglob("*seq-*")):
+            found = _RANGE.search(path.name)
+            if path.is_file() and found and int(found.group(1)) > mark:
+                path.unlink()
+                removed.append(path)
+        if removed:
+            log.info("removed %d files of an unfinished write above seq %d", len(removed), mark)
+        return removed
+
+    @contextmanager
+    def writer(self) -> Iterator[None]:
+        """Hold the store's writer lock: one exporter at a time moves the watermark.
+
+        The lock is an ``flock`` on ``_writer.lock``; the system drops it when
+        its holder dies, so a killed writer never blocks the next one.
+        """
+        handle = open(self.root / _WRITER_LOCK, "a")  # noqa: SIM115 (held across the yield)
+        try:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise DataError(
+                    f"another export is writing the offline store {self.root}; "
+                    "wait for it to finish"
+                ) from None
+            yield
+        finally:
+            handle.close()
 
     # ------------------------------------------------------------------- read
 
