@@ -1,10 +1,15 @@
-"""The writer the crash test kills: commits batches in a loop and acknowledges each one.
+"""The writer the crash test kills: commits batches in a loop and acknowledges them.
 
-Run as ``python -m tests.crash_writer STORE RUN``. Batch ``k`` of run ``RUN``
-is generated from the seed ``(RUN, k)``, and every observation in it carries
-the timestamp ``RUN * 1e6 + k``, so the test can regenerate any batch and tell
-batches apart in the log. The line ``ack RUN k first last`` is printed only
-after :meth:`DurableModel.observe` returned, i.e. after the synced commit.
+Run as ``python -m tests.crash_writer STORE RUN MODE``. Batch ``k`` of run
+``RUN`` is generated from the seed ``(RUN, k)``, and every observation in it
+carries the timestamp ``RUN * 1e6 + k``, so the test can regenerate any batch
+and tell batches apart in the log. The line ``ack RUN k first last`` is
+printed only once the batch is durable:
+
+* ``synced``: after :meth:`DurableModel.observe` returned (a synced commit);
+* ``group``: the serving path's group commit: one to four batches are
+  logged with ``observe(sync=False)``, then one :meth:`DurableModel.sync_log`
+  (RocksDB SyncWAL) makes them all durable, and only then are they acknowledged.
 """
 
 from __future__ import annotations
@@ -40,17 +45,25 @@ def open_model(path: str) -> DurableModel:
     return DurableModel(small_model(), OnlineStore(path), config)
 
 
-def main(path: str, run: int) -> None:
+def main(path: str, run: int, mode: str) -> None:
     durable = open_model(path)
     print("ready", durable.recovered, flush=True)
+    group = np.random.default_rng(run)
     k = 0
     while True:
-        _, seqs = durable.observe(*batch(run, k))
-        # One write per line: print() writes each piece separately when unbuffered.
-        sys.stdout.write(f"ack {run} {k} {seqs[0]} {seqs[-1]}\n")
+        size = 1 if mode == "synced" else int(group.integers(1, 5))
+        pending = []
+        for _ in range(size):
+            _, seqs = durable.observe(*batch(run, k), sync=mode == "synced")
+            pending.append((k, seqs))
+            k += 1
+        if mode == "group":
+            durable.sync_log()
+        for number, seqs in pending:
+            # One write per line: print() writes each piece separately when unbuffered.
+            sys.stdout.write(f"ack {run} {number} {seqs[0]} {seqs[-1]}\n")
         sys.stdout.flush()
-        k += 1
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]))
+    main(sys.argv[1], int(sys.argv[2]), sys.argv[3])
