@@ -18,6 +18,7 @@ from importlib.metadata import entry_points
 from velox.config import VeloxConfig, describe, load_config
 from velox.datasets import SyntheticSpec, write_synthetic
 from velox.errors import VeloxError
+from velox.evaluation import cli as evaluation_cli
 
 COMMAND_GROUP = "velox.commands"
 
@@ -66,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--out", required=True, help="Parquet file to write")
 
     commands.add_parser("config", help="print the effective settings")
+    evaluation_cli.add_parser(commands)
     for plugin in sorted(entry_points(group=COMMAND_GROUP), key=lambda e: e.name):
         plugin.load()(commands)
     return parser
@@ -81,6 +83,8 @@ def _run(args: argparse.Namespace, config: VeloxConfig) -> None:
     elif args.command == "datasets":
         rows = write_synthetic(_spec(args), args.out)
         print(f"wrote {rows} ratings to {args.out}")
+    elif args.command == "evaluate":
+        evaluation_cli.run(args, config)
     elif args.command == "config":
         for key, _, doc in describe():
             section, name = key.split(".")

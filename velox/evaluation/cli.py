@@ -1,0 +1,105 @@
+"""``velox evaluate``: compare policies on a stream and write a results folder.
+
+The data is a MovieLens file or folder, or a Parquet file with user, item,
+rating and ts (``--data``); without it, the synthetic generator's stream.
+ALS trains with ``[train]``, the online model runs with ``[model]``, as
+``velox serve`` would.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from velox.als import ALSParams
+from velox.config import VeloxConfig
+from velox.datasets import SyntheticSpec, load_movielens, synthesize
+from velox.errors import DataError
+from velox.evaluation.harness import PROTOCOLS, Spec, evaluate, per_user_protocol
+from velox.evaluation.policies import DEFAULT_POLICIES, POLICIES
+
+
+def add_parser(commands: argparse._SubParsersAction) -> None:
+    """Add ``velox evaluate`` to the command line."""
+    parser = commands.add_parser("evaluate", help="compare online policies on a stream")
+    parser.add_argument("--data", help="MovieLens file/folder or Parquet (default: synthetic)")
+    parser.add_argument("--protocol", choices=PROTOCOLS, default="temporal")
+    parser.add_argument("--train-share", type=float, default=0.5, help="share that trains")
+    parser.add_argument(
+        "--policies",
+        default=",".join(DEFAULT_POLICIES),
+        help=f"comma-separated, from: {', '.join(POLICIES)}",
+    )
+    parser.add_argument("--batch-size", type=int, default=64, help="observations per batch")
+    parser.add_argument("--forgetting", type=float, default=0.99, help="of the forgetting policy")
+    parser.add_argument(
+        "--retrain-every", type=float, default=0.1, help="share of the stream between retrains"
+    )
+    parser.add_argument("--out", default="results", help="results folder to write")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def read_table(data: str | None, seed: int) -> pa.Table:
+    """The ratings to evaluate on: a MovieLens release, a Parquet file, or synthetic ones."""
+    if data is None:
+        return synthesize(SyntheticSpec(seed=seed))
+    path = Path(data)
+    if not path.exists():
+        raise DataError(f"{path} does not exist; pass a MovieLens folder or a Parquet file")
+    if path.suffix == ".parquet":
+        return pq.read_table(path, columns=["user", "item", "rating", "ts"])
+    return load_movielens(path)
+
+
+def _bar(name: str):
+    """A progress line on stderr, redrawn at each whole percent."""
+    started = time.perf_counter()
+    shown = [-1]
+
+    def show(done: int, total: int) -> None:
+        percent = done * 100 // total
+        if percent == shown[0]:
+            return
+        shown[0] = percent
+        rate = done / max(time.perf_counter() - started, 1e-9)
+        end = "\n" if done == total else ""
+        print(
+            f"\r{name:>14}: {done:,}/{total:,} ({done / total:.0%}) {rate:,.0f} obs/s",
+            end=end,
+            file=sys.stderr,
+            flush=True,
+        )
+
+    return show
+
+
+def run(args: argparse.Namespace, config: VeloxConfig) -> None:
+    """Run ``velox evaluate`` with the parsed ``args``."""
+    from velox.evaluation import results
+
+    table = read_table(args.data, config.train.seed)
+    params = ALSParams.from_config(config.train)
+    if args.protocol == "per-user":
+        figures = per_user_protocol(table, params, config.model, batch_size=args.batch_size)
+        for key, value in figures.items():
+            print(f"{key}: {value:.4f}" if isinstance(value, float) else f"{key}: {value}")
+        return
+    spec = Spec(
+        protocol=args.protocol,
+        train_share=args.train_share,
+        policies=tuple(name.strip() for name in args.policies.split(",") if name.strip()),
+        batch_size=args.batch_size,
+        forgetting=args.forgetting,
+        retrain_every=args.retrain_every,
+        seed=config.train.seed,
+    )
+    progress = None if args.quiet else _bar
+    evaluation = evaluate(table, params, config.model, spec, progress=progress)
+    folder = results.write(evaluation, args.out)
+    print(results.table(evaluation.summary()))
+    print(f"results in {folder}")
