@@ -3,7 +3,9 @@
 Registered as a ``velox.commands`` entry point (see :mod:`velox.cli`).
 ``inspect`` works next to a running server (a read-only view); ``backup``,
 ``restore`` and ``forget`` need the store to themselves and say so when a
-server holds it.
+server holds it (``DELETE /users/{id}`` forgets on a running one). ``forget``
+takes the server's path: it opens the active version and calls
+:meth:`~feature_store.durable.DurableModel.delete_user`.
 """
 
 from __future__ import annotations
@@ -36,7 +38,9 @@ def register(commands: argparse._SubParsersAction) -> None:
         "--replace", action="store_true", help="move existing stores aside (never deleted)"
     )
     back.set_defaults(handler=_restore)
-    forget = actions.add_parser("forget", help="delete a user's state and every observation")
+    forget = actions.add_parser(
+        "forget", help="forget a user: state, log records, offline rows, registry artifacts"
+    )
     forget.add_argument("user", help="user id")
     forget.set_defaults(handler=_forget)
 

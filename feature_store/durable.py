@@ -27,15 +27,20 @@
   and :meth:`DurableModel.observe` refuses new batches with
   :class:`Unavailable` while write-back keeps failing or the cache holds more
   states than :data:`CACHE_LIMIT` times its capacity, so memory stays bounded
-  on a failing disk. The first write-back that succeeds lifts the refusal.
+  on a failing disk. The first write-back that succeeds (the background
+  writer's, or the one a refused observe tries first) lifts the refusal.
+* :meth:`DurableModel.delete_user` forgets a user in every store of the
+  data folder; ``velox store forget`` and ``DELETE /users/{id}`` both call it.
 
 Locks, always taken in this order: ``_flush_lock`` serialises checkpoints;
 ``_write_lock`` serialises writers, so the log's order is the order batches
 were applied, and keeps a checkpoint from catching a batch between its apply
 and its commit; ``_lock`` guards the model itself and is held only while the
 model changes or is read (not during the commit), so readers wait at most
-one kernel call. ``_health_lock`` guards only the failure counters and is
-never held while another lock is taken.
+one kernel call. The store's own commit lock is taken inside all three.
+``_health_lock`` guards only the failure counters and is never held while
+another lock is taken. Forgetting holds the first three only to checkpoint
+and delete; erasing from files and rewriting Parquet run without them.
 """
 
 from __future__ import annotations
