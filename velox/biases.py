@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from velox.kernels.stream import Biases
+
 
 class OnlineBiases:
     """The global mean and one bias per item, updated on every observation.
@@ -38,8 +40,8 @@ class OnlineBiases:
         *,
         regularization: float,
     ) -> None:
-        self._mean_sum = float(global_mean) * float(mean_count)
-        self._mean_count = float(mean_count)
+        # [sum of ratings, count], an array so the compiled batch loop can update it in place
+        self._totals = np.array([float(global_mean) * float(mean_count), float(mean_count)])
         self.regularization = regularization
         self._rows = {str(item): row for row, item in enumerate(item_ids)}
         size = max(len(item_ids), 16)
@@ -54,7 +56,14 @@ class OnlineBiases:
 
     @property
     def mean(self) -> float:
-        return self._mean_sum / self._mean_count
+        return float(self._totals[0] / self._totals[1])
+
+    def arrays(self) -> Biases:
+        """The arrays that :func:`velox.kernels.stream.apply_stream` updates in place.
+
+        Valid until the next :meth:`ensure` that adds an item (the arrays may grow).
+        """
+        return Biases(self._totals, self._prior, self._sum, self._count, self.regularization)
 
     def ensure(self, items: Sequence[str]) -> np.ndarray:
         """Rows of ``items``, adding unseen ones with a zero prior bias."""
@@ -92,8 +101,8 @@ class OnlineBiases:
         Sums are accumulated one observation after another, so replaying a
         log gives the same bits whatever the batch boundaries were.
         """
-        self._mean_sum = float(np.cumsum(np.concatenate([[self._mean_sum], ratings]))[-1])
-        self._mean_count += len(ratings)
+        self._totals[0] = np.cumsum(np.concatenate([self._totals[:1], ratings]))[-1]
+        self._totals[1] += len(ratings)
         np.add.at(self._sum, rows, residuals)
         np.add.at(self._count, rows, 1.0)
 
@@ -103,13 +112,12 @@ class OnlineBiases:
         ids = np.empty(len(self._rows), dtype=object)
         for item, row in self._rows.items():
             ids[row] = item
-        return BiasState(
-            self._mean_sum, self._mean_count, ids[seen].tolist(), self._sum[seen], self._count[seen]
-        )
+        total, count = self._totals.tolist()
+        return BiasState(total, count, ids[seen].tolist(), self._sum[seen], self._count[seen])
 
     def restore(self, state: BiasState) -> None:
         """Continue from a checkpoint taken by :meth:`online_state` on the same trained biases."""
-        self._mean_sum, self._mean_count = state.mean_sum, state.mean_count
+        self._totals[:] = state.mean_sum, state.mean_count
         rows = self.ensure(state.items)
         self._sum[rows] = state.sums
         self._count[rows] = state.counts

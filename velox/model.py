@@ -13,10 +13,20 @@ Order of one observation ``(u, i, y)``:
 4. if the feature model does not know ``i``, the item's fold-in state takes
    the user's pre-update weights in, so its features improve.
 
-Observations of one user inside a batch are applied one after another, in
-arrival order, in successive kernel calls ("rounds"); the biases are read at
-the start of each round, so observations in the same round see the same
-``mu`` and ``b_i``.
+On the CPU a batch is applied in arrival order, observation by observation,
+in one compiled call (:func:`velox.kernels.stream.apply_stream`): each
+observation sees the ``mu``, ``b_i``, user state and fold-in features that
+the previous one left. The result is therefore the same however a stream is
+cut into batches, and a batch costs the same whatever the order of its
+users. (Before, observations of one round shared the round's ``mu`` and
+``b_i``; real streams come in bursts from one user, which made a batch of 64
+cost some 45 rounds of Python.)
+
+On the GPU (CuPy) a batch is applied in "rounds", each user at most once per
+kernel call, where one call over many users pays: a user's observations are
+still applied in arrival order, but the biases and fold-in features are read
+at the start of each round, so observations in the same round share ``mu``
+and ``b_i``.
 
 Everything these steps used that depended on the model's state is returned in
 an :class:`Applied` record, which the log stores and :meth:`OnlineModel.replay`
@@ -38,6 +48,7 @@ from velox.biases import OnlineBiases
 from velox.config import ModelConfig
 from velox.errors import InputError
 from velox.features import FeatureModel
+from velox.kernels.stream import Effects, Rows, apply_stream
 from velox.state import RidgeTable
 
 
@@ -73,6 +84,10 @@ class Applied:
 
     def __len__(self) -> int:
         return len(self.users)
+
+    def recorded(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Predictions, targets and residuals: what every observation records."""
+        return self.predictions, self.targets, self.residuals
 
 
 @dataclass(frozen=True)
@@ -331,10 +346,73 @@ class OnlineModel:
         when = np.zeros(n) if timestamps is None else np.asarray(timestamps, dtype=np.float64)
         if when.shape != (n,) or not np.isfinite(when).all():
             raise InputError(f"timestamps must be {n} finite numbers")
+        if self.backend.xp is np:
+            return self._observe_in_order(user_keys, item_keys, y, when)
         out = _Effects(n, self.features.dim, len(self._free))
         for positions in _rounds(user_keys):
             self._apply_round(positions, user_keys, item_keys, y, when, out)
         return Applied(self.version, user_keys, item_keys, y, when, *out.finish())
+
+    def _observe_in_order(
+        self, users: list[str], items: list[str], y: np.ndarray, when: np.ndarray
+    ) -> Applied:
+        """The CPU path: the whole batch in arrival order in one compiled call."""
+        rows, cold = self._stream_rows(users, items)
+        effects = Effects.empty(len(users), self.features.dim, len(self._free))
+        self._apply_stream(rows, y, when, effects)
+        return Applied(
+            self.version,
+            users,
+            items,
+            y,
+            when,
+            effects.predictions,
+            effects.targets,
+            effects.residuals,
+            cold,
+            effects.cold_features[cold],
+            effects.foldin_inputs[cold],
+            effects.foldin_targets[cold],
+        )
+
+    def _stream_rows(
+        self, users: Sequence[str], items: Sequence[str], cold: np.ndarray | None = None
+    ) -> tuple[Rows, np.ndarray]:
+        """Rows of a batch's users, item features, fold-ins and biases, adding the new ones.
+
+        ``cold`` (from a record) says which items were folded in; by default
+        those the feature model does not know. Also returns ``cold``.
+        """
+        feature = self.features.lookup(items)
+        cold = feature < 0 if cold is None else cold
+        fold = np.full(len(items), -1, dtype=np.int64)
+        if cold.any():
+            fold[cold] = self.items.ensure([items[p] for p in np.flatnonzero(cold)])
+        return Rows(self.users.ensure(users), feature, fold, self.biases.ensure(items)), cold
+
+    def _apply_stream(
+        self,
+        rows: Rows,
+        y: np.ndarray,
+        when: np.ndarray,
+        effects: Effects,
+        *,
+        replay: bool = False,
+        skip_user: np.ndarray | None = None,
+    ) -> None:
+        features = self.features
+        apply_stream(
+            self.users.arrays(),
+            self.items.arrays(),
+            self.biases.arrays(),
+            rows,
+            (features.matrix(), features.cold_vector(), self._free, self._fixed),
+            y,
+            when,
+            effects,
+            replay=replay,
+            skip_user=skip_user,
+        )
 
     def _apply_round(
         self,
@@ -391,17 +469,78 @@ class OnlineModel:
         Nothing is recomputed from the current ``mu``, ``b_i`` or fold-in
         state: targets, residuals and cold features come from the record, so
         replaying a log from a checkpoint rebuilds the statistics bit for bit
-        whatever the batch boundaries were. ``users_have`` marks positions
+        whatever the batch boundaries were (on the CPU through the same
+        compiled loop as :meth:`observe_many`). ``users_have`` marks positions
         whose user state already includes them (a state stored after the
         checkpoint the biases come from): those update the biases and
-        fold-ins only.
+        fold-ins only. A record that does not fit this model raises
+        :class:`InputError` and changes nothing.
         """
         if applied.version != self.version:
             raise InputError(
                 f"records applied under model version {applied.version!r} cannot be replayed "
                 f"onto version {self.version!r}"
             )
-        cold = np.asarray(applied.cold)
+        cold = self._check_record(applied)
+        if self.backend.xp is not np:
+            return self._replay_rounds(applied, cold, users_have)
+        n = len(applied)
+        rows, _ = self._stream_rows(applied.users, applied.items, cold)
+        cold_features = np.zeros((n, self.features.dim))
+        inputs = np.zeros((n, len(self._free)))
+        targets = np.zeros(n)
+        if cold.any():  # a record without cold rows may carry them in any empty shape
+            cold_features[cold] = applied.cold_features
+            inputs[cold] = applied.foldin_inputs
+            targets[cold] = applied.foldin_targets
+        effects = Effects(
+            *(np.ascontiguousarray(a, dtype=np.float64) for a in applied.recorded()),
+            cold_features,
+            inputs,
+            targets,
+        )
+        skip = None if users_have is None else np.ascontiguousarray(users_have, dtype=bool)
+        self._apply_stream(
+            rows,
+            np.ascontiguousarray(applied.ratings, dtype=np.float64),
+            np.ascontiguousarray(applied.timestamps, dtype=np.float64),
+            effects,
+            replay=True,
+            skip_user=skip,
+        )
+        return rows.user
+
+    def _check_record(self, applied: Applied) -> np.ndarray:
+        """Which observations of a record were folded in; :class:`InputError` unless it fits."""
+        n, cold = len(applied), np.asarray(applied.cold, dtype=bool)
+        per_observation = (applied.users, applied.items, applied.ratings, applied.timestamps, cold)
+        per_cold = (applied.cold_features, applied.foldin_inputs, applied.foldin_targets)
+        shapes = [np.shape(a)[:1] for a in (*per_observation, *applied.recorded())]
+        widths = (self.features.dim, len(self._free))
+        if (
+            any(shape != (n,) for shape in shapes)
+            or any(np.shape(a)[:1] != (int(cold.sum()),) for a in per_cold)
+            or (cold.any() and tuple(np.shape(a)[1] for a in per_cold[:2]) != widths)
+        ):
+            raise InputError(
+                f"a record of {n} observations has fields of other lengths or widths; "
+                "it was not written by this model version"
+            )
+        values = (applied.ratings, applied.timestamps, *applied.recorded(), *per_cold)
+        if not all(np.isfinite(a).all() for a in values):
+            raise InputError("a record holds NaN or infinite values; it is damaged")
+        known = self.features.lookup([applied.items[p] for p in np.flatnonzero(~cold)])
+        if (known < 0).any():
+            raise InputError(
+                "a record marks an item as known that this model version does not know; "
+                "it was not written by this model version"
+            )
+        return cold
+
+    def _replay_rounds(
+        self, applied: Applied, cold: np.ndarray, users_have: np.ndarray | None
+    ) -> np.ndarray:
+        """The GPU path of :meth:`replay`: users' updates in rounds, then biases, then fold-ins."""
         item_rows = self.features.lookup(applied.items)
         f_host = np.empty((len(applied), self.features.dim))
         f_host[~cold] = self.backend.to_numpy(self.features.vectors(item_rows[~cold]))

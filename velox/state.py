@@ -19,6 +19,7 @@ import numpy as np
 
 from velox import kernels
 from velox.backend import Backend
+from velox.kernels.stream import Ridge
 
 
 class RidgeTable:
@@ -125,6 +126,22 @@ class RidgeTable:
         for name in self._HOST:
             old = getattr(self, name)
             setattr(self, name, np.concatenate([old, np.zeros_like(old)]))
+
+    def arrays(self) -> Ridge:
+        """The arrays :func:`velox.kernels.stream.apply_stream` updates in place, and the rules.
+
+        Valid until the next :meth:`ensure` that adds a key (the arrays may grow).
+        """
+        return Ridge(
+            self.P,
+            self.w,
+            self.A,
+            self.b,
+            self.count,
+            self.updated,
+            self.forgetting,
+            self.refactor_interval,
+        )
 
     def update(self, rows: np.ndarray, f: Any, t: Any, when: float) -> Any:
         """Apply one observation to each of the distinct ``rows``; predictions before it."""

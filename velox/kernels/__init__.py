@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from velox.backend import array_module
-from velox.kernels import array_api, cpu
+from velox.kernels import array_api, cpu, stream
 from velox.kernels.array_api import (
     NotPositiveDefiniteError,
     check_update_inputs,
@@ -102,7 +102,7 @@ def ridge_solve(A: Any, b: Any) -> Any:
 
 
 def warm_up(dtype: str = "float64") -> None:
-    """Load the compiled update (about half a second) now, not in the first request.
+    """Load the compiled updates (about a second) now, not in the first request.
 
     >>> warm_up()
     """
@@ -110,3 +110,4 @@ def warm_up(dtype: str = "float64") -> None:
     P, A = np.tile(np.eye(d, dtype=dtype), (1, 1, 1)), np.tile(np.eye(d, dtype=dtype), (1, 1, 1))
     w, b = np.zeros((1, d), dtype=dtype), np.zeros((1, d), dtype=dtype)
     rank_one_update(P, w, A, b, np.ones((1, d)), np.ones(1), 1.0, rows=np.zeros(1, dtype=np.int64))
+    stream.warm_up(dtype)

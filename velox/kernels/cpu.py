@@ -20,46 +20,63 @@ from velox.kernels.array_api import NON_FINITE_FEATURES, NON_FINITE_TARGETS, ref
 
 
 @numba.njit(cache=True, boundscheck=False)
-def _update_rows(P, w, A, b, f, t, gamma, rows, todo, pred, drifted):  # pragma: no cover
-    d = f.shape[1]
-    u = np.empty(d, dtype=P.dtype)
+def project(P, f, u):  # pragma: no cover - compiled
+    """``u = P f`` into ``u``; returns ``f^T P f`` (negative only when ``P`` has drifted)."""
+    d = f.shape[0]
+    # P is symmetric, so P f is a sum of its rows: contiguous, vectorisable.
+    u[:] = 0.0
+    for m in range(d):
+        fm = f[m]
+        for i in range(d):
+            u[i] += P[m, i] * fm
+    quad = 0.0
+    for i in range(d):
+        quad += u[i] * f[i]
+    return quad
+
+
+@numba.njit(cache=True, boundscheck=False)
+def apply_gain(P, w, A, b, f, t, gamma, u, quad):  # pragma: no cover - compiled
+    """One observation ``(f, t)`` into one state, given ``u = P f`` and ``quad = f^T P f``.
+
+    Returns the prediction ``f . w`` made before the update.
+    """
+    d = f.shape[0]
+    p = 0.0
+    for i in range(d):
+        p += w[i] * f[i]
     inv_gamma = 1.0 / gamma
+    denom = gamma + quad
+    step = (t - p) / denom
+    for i in range(d):
+        ki = u[i] / denom
+        fi = f[i]
+        if gamma == 1.0:
+            for m in range(d):
+                P[i, m] -= ki * u[m]
+            for m in range(d):
+                A[i, m] += fi * f[m]
+            b[i] += t * fi
+        else:
+            for m in range(d):
+                P[i, m] = (P[i, m] - ki * u[m]) * inv_gamma
+            for m in range(d):
+                A[i, m] = gamma * A[i, m] + fi * f[m]
+            b[i] = gamma * b[i] + t * fi
+        w[i] += u[i] * step
+    return p
+
+
+@numba.njit(cache=True, boundscheck=False)
+def _update_rows(P, w, A, b, f, t, gamma, rows, todo, pred, drifted):  # pragma: no cover
+    u = np.empty(f.shape[1], dtype=P.dtype)
     for j in todo:
         r = rows[j]
-        Pj, Aj, fj, tj, wj, bj = P[r], A[r], f[j], t[j], w[r], b[r]
-        # P is symmetric, so P f is a sum of its rows: contiguous, vectorisable.
-        u[:] = 0.0
-        for m in range(d):
-            fm = fj[m]
-            for i in range(d):
-                u[i] += Pj[m, i] * fm
-        quad = 0.0
-        p = 0.0
-        for i in range(d):
-            quad += u[i] * fj[i]
-            p += wj[i] * fj[i]
+        quad = project(P[r], f[j], u)
         if not quad >= 0.0:
             drifted[j] = True
             continue
-        pred[j] = p
-        denom = gamma + quad
-        step = (tj - p) / denom
-        for i in range(d):
-            ki = u[i] / denom
-            fi = fj[i]
-            if gamma == 1.0:
-                for m in range(d):
-                    Pj[i, m] -= ki * u[m]
-                for m in range(d):
-                    Aj[i, m] += fi * fj[m]
-                bj[i] += tj * fi
-            else:
-                for m in range(d):
-                    Pj[i, m] = (Pj[i, m] - ki * u[m]) * inv_gamma
-                for m in range(d):
-                    Aj[i, m] = gamma * Aj[i, m] + fi * fj[m]
-                bj[i] = gamma * bj[i] + tj * fi
-            wj[i] += u[i] * step
+        pred[j] = apply_gain(P[r], w[r], A[r], b[r], f[j], t[j], gamma, u, quad)
 
 
 _FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
