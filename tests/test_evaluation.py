@@ -173,3 +173,49 @@ def test_the_per_user_protocol_on_movielens(ml100k):
     assert figures["held_out"] > 50_000
     assert figures["retrained_rmse"] < figures["online_rmse"] < figures["offline_rmse"]
     assert 0.3 < figures["recovered"] < 1.0
+
+
+def test_a_running_server_scores_the_stream_as_the_in_process_online_policy(tmp_path):
+    """velox evaluate --server: the serving path (HTTP, micro-batches, durable store) gives the
+    same prequential predictions as the in-process model, version trained alike."""
+    from feature_store.layout import DataLayout
+    from feature_store.registry import ModelRegistry
+    from tests.test_serve_process import Server
+    from velox.als import Ratings, train_als
+
+    settings = ("train.rank=3", "train.iterations=3", f"data.dir={tmp_path / 'data'}")
+    table = synthesize(SMALL)
+    data = tmp_path / "ratings.parquet"
+    pq.write_table(table, data)
+    train, _ = temporal(table, 0.5)
+    registry = ModelRegistry(DataLayout(tmp_path / "data").registry)
+    with registry.building(engine="velox", watermark=0) as version:
+        registry.write_artifacts(
+            version.number,
+            train_als(Ratings.from_table(train), ALSParams(rank=3, iterations=3)),
+        )
+    registry.activate(version.number)
+    server = Server(tmp_path / "data", "serve.deadline_ms=0")
+    try:
+        flags = [arg for setting in settings for arg in ("--set", setting)]
+        done = velox(
+            *flags,
+            "evaluate",
+            "--data",
+            str(data),
+            "--policies",
+            "online",
+            "--server",
+            server.url,
+            "--out",
+            str(tmp_path / "out"),
+            "--quiet",
+        )
+    finally:
+        assert server.stop() == 0
+    assert done.returncode == 0, done.stderr
+    rows = pq.read_table(tmp_path / "out" / "observations.parquet").to_pandas()
+    online = rows[rows.policy == "online"].prediction.to_numpy()
+    served = rows[rows.policy == "server"].prediction.to_numpy()
+    assert online.size == served.size == 4000
+    np.testing.assert_allclose(served, online, rtol=1e-9, atol=1e-9)

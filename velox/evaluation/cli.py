@@ -9,6 +9,7 @@ ALS trains with ``[train]``, the online model runs with ``[model]``, as
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -21,7 +22,7 @@ from velox.config import VeloxConfig
 from velox.datasets import SyntheticSpec, load_movielens, synthesize
 from velox.errors import DataError
 from velox.evaluation.harness import PROTOCOLS, Spec, evaluate, per_user_protocol
-from velox.evaluation.policies import DEFAULT_POLICIES, POLICIES
+from velox.evaluation.policies import DEFAULT_POLICIES, POLICIES, ServerLearner
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
@@ -40,6 +41,12 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--retrain-every", type=float, default=0.1, help="share of the stream between retrains"
     )
+    parser.add_argument(
+        "--server",
+        metavar="URL",
+        help="also replay the stream through this running velox serve (policy 'server')",
+    )
+    parser.add_argument("--token", help="bearer token for --server's observe route")
     parser.add_argument("--out", default="results", help="results folder to write")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -99,7 +106,17 @@ def run(args: argparse.Namespace, config: VeloxConfig) -> None:
         seed=config.train.seed,
     )
     progress = None if args.quiet else _bar
-    evaluation = evaluate(table, params, config.model, spec, progress=progress)
+    if args.server is None:
+        evaluation = evaluate(table, params, config.model, spec, progress=progress)
+    else:
+        from velox.client import Client
+
+        spec = dataclasses.replace(spec, policies=(*spec.policies, "server"))
+        with Client(args.server, token=args.token) as client:
+            learners = {"server": ServerLearner(client)}
+            evaluation = evaluate(
+                table, params, config.model, spec, progress=progress, learners=learners
+            )
     folder = results.write(evaluation, args.out)
     print(results.table(evaluation.summary()))
     print(f"results in {folder}")

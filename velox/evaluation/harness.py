@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,7 +35,7 @@ from velox.evaluation.metrics import (
 )
 from velox.evaluation.policies import DEFAULT_POLICIES, RetrainLearner, Setup, learner
 from velox.evaluation.protocols import per_user, random_split, seen_before, temporal
-from velox.evaluation.replay import ProgressBar, Trace, replay
+from velox.evaluation.replay import Learner, ProgressBar, Trace, replay
 from velox.trained import TrainedModel
 
 PROTOCOLS = ("temporal", "random", "per-user")
@@ -141,8 +141,13 @@ def evaluate(
     spec: Spec = Spec(),
     *,
     progress: Callable[[str], ProgressBar] | None = None,
+    learners: Mapping[str, Learner] | None = None,
 ) -> Evaluation:
-    """Train on the protocol's first part, then replay the rest through every policy."""
+    """Train on the protocol's first part, then replay the rest through every policy.
+
+    ``learners`` names learners made outside (a running server) that take
+    part beside the policies of :mod:`velox.evaluation.policies`.
+    """
     if spec.protocol == "per-user":
         raise InputError("the per-user protocol has its own entry point, per_user_protocol")
     train, stream = _split(table, spec)
@@ -155,7 +160,7 @@ def evaluate(
     results = []
     for name in spec.policies:
         bar = progress(name) if progress is not None else None
-        policy = learner(name, setup)
+        policy = learners[name] if learners and name in learners else learner(name, setup)
         trace = replay(policy, stream, batch_size=spec.batch_size, progress=bar).clipped(*scale)
         figures = stream_figures(trace, segments, spec)
         if isinstance(policy, RetrainLearner):

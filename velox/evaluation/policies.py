@@ -14,6 +14,10 @@ serving tier's own model; they differ only in what happens during the stream:
   ``retrain_every`` of the stream (time-decayed by ``train.forgetting``);
 * ``river-mf`` and ``river-biases``: River's online SGD peers
   (:mod:`velox.evaluation.river_peers`, from the optional ``bench`` extra).
+
+:class:`ServerLearner` replays the stream through a running ``velox serve``
+instead (``velox evaluate --server URL``): the serving tier's whole path,
+durable store included, measured by the same figures.
 """
 
 from __future__ import annotations
@@ -117,6 +121,32 @@ class RetrainLearner:
         self.model = trained.online_model(version=f"v{self.retrains}", config=self.setup.model)
         self.pending = 0
         self.retrain_seconds += time.perf_counter() - started
+
+
+class ServerLearner:
+    """A running Velox server as a learner: ``/observe`` answers with its predictions.
+
+    Each batch is one request with an idempotency key, so a retried request
+    is applied once. The server must serve a version trained on the same
+    training part for the figures to compare.
+    """
+
+    def __init__(self, client) -> None:
+        self.client = client
+
+    def step(self, users, items, ratings, when, learn: bool) -> np.ndarray:
+        import uuid
+
+        from velox.client import Observation
+
+        if not learn:
+            raise InputError("a server learns what it is sent; evaluate it with learning on")
+        batch = [
+            Observation(user, item, float(rating), float(ts))
+            for user, item, rating, ts in zip(users, items, ratings, when, strict=True)
+        ]
+        answer = self.client.observe(batch, idempotency_key=uuid.uuid4().hex)
+        return np.asarray(answer.predictions)
 
 
 def _table(users: Sequence[str], items: Sequence[str], ratings, when) -> pa.Table:
