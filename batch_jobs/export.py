@@ -59,7 +59,9 @@ with ``--sdk_container_image`` of an image that has Velox installed, or
 from __future__ import annotations
 
 import base64
+import contextlib
 import dataclasses
+import io
 import json
 import logging
 import math
@@ -242,6 +244,28 @@ class ExportRanges(beam.DoFn):
         shutil.rmtree(self._scratch, ignore_errors=True)
 
 
+def pipeline_options(args: Sequence[str]) -> PipelineOptions:
+    """Beam's pipeline options from ``args``; a bad value or an unknown option is a ConfigError.
+
+    Beam itself would exit on a bad value after printing its whole usage, and
+    would drop an unknown (misspelt) option with only a warning.
+    """
+    options = PipelineOptions(list(args))
+    messages = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(messages):
+            known = options.get_all_options(retain_unknown_options=False)
+            given = options.get_all_options(retain_unknown_options=True)
+    except SystemExit:
+        reason = messages.getvalue().strip().splitlines()[-1].split("error: ", 1)[-1]
+        raise ConfigError(f"a Beam pipeline option is not valid ({reason})") from None
+    unknown = sorted(set(given) - set(known))
+    if unknown:
+        names = ", ".join(f"--{name}" for name in unknown)
+        raise ConfigError(f"Beam has no pipeline option {names}; check the spelling")
+    return options
+
+
 @dataclasses.dataclass(frozen=True)
 class ExportReport:
     """One run's counters, as printed and as kept in ``_export/runs/``."""
@@ -297,8 +321,15 @@ class ExportJob:
         return cls(layout.online, layout.offline, **options)
 
     def run(self) -> ExportReport:
-        options = self._options()
+        if self.range_size < 1:
+            raise ConfigError(f"the range size must be at least 1, got {self.range_size}")
+        options = pipeline_options(self.pipeline_args)
         runner = options.view_as(StandardOptions).runner or "DirectRunner"
+        try:
+            pipeline = beam.Pipeline(options=options)
+        except ValueError as exc:  # Beam's answer to an unknown runner; its first sentence
+            reason = str(exc).split(". ")[0]
+            raise ConfigError(f"Beam cannot build the pipeline ({reason}); check --runner") from exc
         head = self._durable_head()
         store = OfflineStore(self.offline)
         folder = ExportFolder(store.root)
@@ -312,7 +343,7 @@ class ExportJob:
                 self.emit(f"nothing to export: the offline store holds the log up to seq {after}")
                 return ExportReport(after, after, 0, 0, 0, {}, [], 0.0, runner)
             started = time.perf_counter()
-            self._run_pipeline(options, ranges, folder, started)
+            self._run_pipeline(pipeline, ranges, folder, started)
             report = self._report(folder, ranges, runner, time.perf_counter() - started)
             _write_json(folder.report(after + 1, upto), dataclasses.asdict(report))
             store.advance_watermark(upto)
@@ -320,11 +351,6 @@ class ExportJob:
                 manifest.unlink()
         self.emit(report.describe())
         return report
-
-    def _options(self) -> PipelineOptions:
-        if self.range_size < 1:
-            raise ConfigError(f"the range size must be at least 1, got {self.range_size}")
-        return PipelineOptions(list(self.pipeline_args))
 
     def _durable_head(self) -> int:
         with (
@@ -345,31 +371,34 @@ class ExportJob:
         return self.upto
 
     def _run_pipeline(
-        self, options: PipelineOptions, ranges: list[tuple[int, int]], folder: ExportFolder, t0
+        self,
+        pipeline: beam.Pipeline,
+        ranges: list[tuple[int, int]],
+        folder: ExportFolder,
+        started: float,
     ) -> None:
         stop = threading.Event()
         watcher = threading.Thread(
-            target=self._watch, args=(folder, len(ranges), t0, stop), daemon=True
+            target=self._watch, args=(folder, len(ranges), started, stop), daemon=True
         )
         watcher.start()
         try:
-            with beam.Pipeline(options=options) as pipeline:
+            with pipeline:
                 _ = (
                     pipeline
                     | "ranges" >> beam.Create(ranges)
                     | "spread" >> beam.Reshuffle()
                     | "export" >> beam.ParDo(ExportRanges(str(self.online), str(self.offline)))
                 )
-        except ValueError as exc:  # Beam's answer to an unknown runner or option value
-            raise ConfigError(f"the Beam pipeline could not start ({exc})") from None
         finally:
             stop.set()
             watcher.join()
 
     def _watch(self, folder: ExportFolder, ranges: int, started: float, stop: threading.Event):
-        """Print a progress line whenever another range is done, until ``stop``."""
-        done = 0
-        while not stop.wait(self.progress_every):
+        """Print a progress line whenever another range is done; a last look after ``stop``."""
+        done, stopped = 0, False
+        while not stopped:
+            stopped = stop.wait(self.progress_every)
             manifests = folder.manifests()
             if len(manifests) == done:
                 continue
