@@ -39,6 +39,23 @@ class Log:
             self.syncs += 1
 
 
+class WatchedGate(asyncio.Event):
+    """A batch gate that tells when the batcher waits at it (instead of sleeping and hoping)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._waiting = asyncio.Event()
+
+    async def wait(self) -> bool:
+        self._waiting.set()
+        return await super().wait()
+
+    async def reached(self) -> None:
+        """Return once the batcher waits at the gate (fail if it never comes)."""
+        await asyncio.wait_for(self._waiting.wait(), timeout=30)
+        self._waiting.clear()
+
+
 def _batcher(log: Log, **options) -> MicroBatcher:
     settings = {"wait": 0.002, "limit": 256, "sync": log.sync, **options}
     batcher = MicroBatcher(log.apply, **settings)
@@ -55,10 +72,12 @@ async def _observe(batcher: MicroBatcher, log: Log, user: str, n: int):
 async def test_requests_are_answered_only_after_a_sync_that_covers_their_batch():
     log = Log(sync_seconds=0.005)
     batcher = _batcher(log)
+    # All 300 are queued in one loop turn, before the batcher runs: two batches (limit 256).
     answers = await asyncio.gather(*(_observe(batcher, log, f"u{n % 7}", n) for n in range(300)))
     await batcher.close()
     assert len(answers) == 300 and len(log.applied) == 300
-    assert log.syncs < log.batches + 1
+    assert log.batches == 2 and log.syncs <= 2
+    assert {part.stop - part.start for _, part in answers} == {1}
 
 
 async def test_one_users_observations_are_applied_in_arrival_order():
@@ -71,18 +90,17 @@ async def test_one_users_observations_are_applied_in_arrival_order():
 
 async def test_a_slow_disk_grows_batches_instead_of_multiplying_fsyncs():
     log = Log(sync_seconds=0.02)
-    batcher = _batcher(log, wait=0.05)
+    batcher = _batcher(log, wait=10.0)  # a batch closes on a lull, or when the fsync ends
 
     async def steady(n):  # requests keep arriving while fsyncs are under way
         await asyncio.sleep(n * 0.0005)
         return await _observe(batcher, log, f"u{n}", n)
 
-    started = time.monotonic()
     await asyncio.gather(*(steady(n) for n in range(400)))
-    elapsed = time.monotonic() - started
     await batcher.close()
-    assert log.syncs <= elapsed / 0.02 + 2  # back to back at most, not one per request
-    assert log.batches <= log.syncs + 2  # a batch gathers while the previous fsync runs
+    # Each batch after the first gathers while the previous fsync runs: one fsync per batch,
+    # where a batcher that closed batches on lulls alone would apply one per request.
+    assert log.batches <= log.syncs + 1 and log.batches < 400
 
 
 async def test_a_failed_sync_fails_every_request_it_covered():
@@ -97,17 +115,22 @@ async def test_a_failed_sync_fails_every_request_it_covered():
 
 
 async def test_closing_answers_everything_queued_and_refuses_new_work():
+    gate = WatchedGate()
     log = Log(sync_seconds=0.01)
-    batcher = _batcher(log, wait=1.0)
+    batcher = _batcher(log, gate=gate)
     pending = [
         asyncio.ensure_future(batcher.submit([f"u{n}"], ["i"], [1.0], [0.0])) for n in range(50)
     ]
-    await asyncio.sleep(0)  # queued, not yet applied
-    await batcher.close()
+    await gate.reached()  # queued, not yet applied
+    closing = asyncio.ensure_future(batcher.close())
+    await asyncio.sleep(0)  # close() has begun
+    with pytest.raises(Closed):  # (a batcher that took it would never answer: time out)
+        await asyncio.wait_for(batcher.submit(["late"], ["i"], [1.0], [0.0]), timeout=30)
+    assert log.batches == 0
+    gate.set()
+    await closing
     assert all(p.done() and not p.exception() for p in pending)
     assert len(log.applied) == 50 and log.durable_batches == log.batches
-    with pytest.raises(Closed):
-        await batcher.submit(["late"], ["i"], [1.0], [0.0])
 
 
 async def test_without_a_sync_the_apply_itself_is_the_durability_point():
@@ -119,15 +142,15 @@ async def test_without_a_sync_the_apply_itself_is_the_durability_point():
 
 
 async def test_a_closed_gate_holds_batches_until_it_stays_open():
-    gate = asyncio.Event()
+    gate = WatchedGate()
     log = Log()
     batcher = _batcher(log, gate=gate)
     request = asyncio.ensure_future(batcher.submit(["u"], ["i"], [1.0], [0.0]))
-    await asyncio.sleep(0.01)
+    await gate.reached()
     assert log.batches == 0
     gate.set()
     gate.clear()  # opened and closed again (overlapping switches) before the batcher ran
-    await asyncio.sleep(0.01)
+    await gate.reached()
     assert log.batches == 0
     gate.set()
     await request
@@ -136,13 +159,13 @@ async def test_a_closed_gate_holds_batches_until_it_stays_open():
 
 
 async def test_a_request_cancelled_before_its_batch_is_not_applied():
-    gate = asyncio.Event()
+    gate = WatchedGate()
     log = Log()
     batcher = _batcher(log, gate=gate)
     kept = asyncio.ensure_future(batcher.submit(["kept"], ["i"], [1.0], [0.0]))
-    await asyncio.sleep(0.01)  # the first batch waits at the gate with "kept"
+    await gate.reached()  # the first batch waits at the gate with "kept"
     dropped = asyncio.ensure_future(batcher.submit(["dropped"], ["i"], [1.0], [0.0]))
-    await asyncio.sleep(0)
+    await asyncio.sleep(0)  # queued for the next batch
     dropped.cancel()  # e.g. its client went away; a retry may come with the same key
     gate.set()
     await kept

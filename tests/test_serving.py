@@ -6,6 +6,7 @@ import asyncio
 import json
 import threading
 
+import aiohttp
 import numpy as np
 import pytest
 
@@ -428,3 +429,37 @@ async def test_the_server_follows_the_registrys_pointer_and_says_when_it_lags(se
     assert 'velox_active_model{version="v1"}' not in text
     _, scores = await _post(server, "/predict", {"user": "u2", "items": ["i1"]})
     assert scores["version"] == "v2"
+
+
+async def test_a_shutdown_answers_the_observations_still_waiting_for_their_batch(
+    tmp_path, aiohttp_client
+):
+    """Observes held at the gate when the server starts to stop are applied, logged, answered."""
+    _publish(tmp_path)
+    app = create_app(_config(tmp_path), follow_every=None)
+    release = threading.Event()
+
+    async def stopping(app):  # the listening socket is closed; the requests still wait
+        release.set()
+
+    app.on_shutdown.append(stopping)
+    client = await aiohttp_client(app)
+    state = app[STATE]
+    holding = asyncio.ensure_future(state.gate.exclusive(release.wait))  # as a switch does
+    async with aiohttp.ClientSession() as session:
+
+        async def one(n):
+            body = {"user": f"u{n}", "item": "i1", "rating": 3.0}
+            async with session.post(client.make_url("/observe"), json=body) as response:
+                return response.status, await response.json()
+
+        requests = [asyncio.ensure_future(one(n)) for n in range(20)]
+        while state.observations.batcher.waiting < 20:  # every request is in the batcher
+            await asyncio.sleep(0.001)
+        await client.server.close()
+        answers = await asyncio.gather(*requests)
+    await holding
+    assert [status for status, _ in answers] == [200] * 20
+    assert sorted(seq for _, body in answers for seq in body["seqs"]) == list(range(1, 21))
+    with OnlineStore(DataLayout(tmp_path).online, read_only=True) as store:
+        assert store.last_seq == 20 and store.checkpoint_seq == 20
