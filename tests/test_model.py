@@ -49,10 +49,8 @@ def test_a_batch_equals_the_same_observations_one_call_at_a_time_for_one_user():
     items, ratings = ["i1", "i2", "i1", "i5"], [5.0, 1.0, 4.0, 2.0]
     got = batched.observe_many(["u"] * 4, items, ratings)
     want = [single.observe_many(["u"], [i], [r]) for i, r in zip(items, ratings, strict=True)]
-    np.testing.assert_allclose(got.predictions, [w.predictions[0] for w in want], rtol=1e-12)
-    np.testing.assert_allclose(
-        batched.user_state("u").weights, single.user_state("u").weights, rtol=1e-12
-    )
+    np.testing.assert_array_equal(got.predictions, [w.predictions[0] for w in want])
+    np.testing.assert_array_equal(batched.user_state("u").weights, single.user_state("u").weights)
 
 
 def test_prediction_is_the_model_formula_and_observe_moves_it():
@@ -273,15 +271,11 @@ def test_replaying_the_records_rebuilds_every_state_whatever_the_batches(forgett
             by_one.replay(one)
     users, items = list(live.users.keys), ["new1", "new2"]
     want, batched, single = (_tables(m, users, items) for m in (live, by_batch, by_one))
-    for name in ("A", "b", "count", "item A", "item b", "mean", "bias"):
+    # Live and replay run the same in-order loop (the replay on the recorded values), so
+    # every state is rebuilt bit for bit, however the log is cut into batches.
+    for name in want:
         np.testing.assert_array_equal(single[name], batched[name], err_msg=name)
-    for name in ("A", "b", "count"):  # a user's updates happen in arrival order in both
         np.testing.assert_array_equal(batched[name], want[name], err_msg=name)
-    np.testing.assert_allclose(batched["w"], want["w"], rtol=1e-9)
-    # Live, an item's fold-in and bias take a batch's observations round by round (user
-    # order); replay takes them in log order, so only the rounding of the sums may differ.
-    for name in ("item A", "item b", "mean", "bias"):
-        np.testing.assert_allclose(batched[name], want[name], rtol=1e-12, err_msg=name)
 
 
 def _split(applied):
