@@ -288,10 +288,8 @@ def test_the_gpu_applies_rounds_exact_per_user_and_replays_them():
     data = bursty_stream()
     applied = observe_in_batches(live, data, [64, 128, 192, 256])
     got = records(applied)
-    F = np.where(got["cold"][:, None], 0.0, 1.0)  # placeholder rows for the cold ones below
-    known = live.features.lookup(data[1])
-    F = gpu.to_numpy(live.features.vectors(known)) * F
-    F[got["cold"]] = got["cold_features"]
+    F = gpu.to_numpy(live.features.vectors(live.features.lookup(data[1])))
+    F[got["cold"]] = got["cold_features"]  # the folded-in features each observation used
     users = np.array(data[0])
     for user in set(data[0]):
         mine = users == user
@@ -300,9 +298,9 @@ def test_the_gpu_applies_rounds_exact_per_user_and_replays_them():
     again = model()
     for record in applied:
         again.replay(record)
-    rows, again_rows = live.users.find(sorted(set(data[0]))), again.users.find(sorted(set(data[0])))
+    keys = sorted(set(data[0]))
     for name in ("A", "b"):
         np.testing.assert_array_equal(
-            gpu.to_numpy(getattr(again.users, name)[again_rows]),
-            gpu.to_numpy(getattr(live.users, name)[rows]),
+            gpu.to_numpy(getattr(again.users, name))[again.users.find(keys)],
+            gpu.to_numpy(getattr(live.users, name))[live.users.find(keys)],
         )
