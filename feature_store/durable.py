@@ -28,7 +28,10 @@
   :class:`Unavailable` while write-back keeps failing or the cache holds more
   states than :data:`CACHE_LIMIT` times its capacity, so memory stays bounded
   on a failing disk. The first write-back that succeeds (the background
-  writer's, or the one a refused observe tries first) lifts the refusal.
+  writer's, or the one a refused observe tries first) lifts the refusal. A
+  failed log write or fsync (a full disk fails the log first) leaves memory
+  ahead of the log: writes are refused, also with :class:`Unavailable`, until
+  the store is reopened.
 * :meth:`DurableModel.delete_user` forgets a user in every store of the
   data folder; ``velox store forget`` and ``DELETE /users/{id}`` both call it.
 
@@ -200,11 +203,11 @@ class DurableModel:
         is durable after the next :meth:`sync_log` (readers may see its effect
         before: it is applied, only not yet acknowledged). ``receipts`` of
         idempotent requests are stored with the log records. Bad input raises
-        :class:`InputError` before anything changes. If the write fails, the
-        memory is ahead of the log: the model refuses further writes until it
-        is reopened (which recovers from the log). :class:`Unavailable`
-        (nothing applied) while write-back keeps failing or the cache is over
-        its limit: retry once the disk is fixed.
+        :class:`InputError` before anything changes. :class:`Unavailable`
+        (nothing logged) if the log write fails, and from then on, for the
+        memory is ahead of the log until the store is reopened (which
+        recovers from the log); and (nothing applied) while write-back keeps
+        failing or the cache is over its limit, until a write-back succeeds.
         """
         self._admit()
         with self._write_lock:
@@ -258,7 +261,10 @@ class DurableModel:
     def problem(self) -> str | None:
         """None when healthy; else one sentence: what fails, since when, what to do."""
         if self._broken is not None:
-            return f"the store refuses writes: {self._broken}; restart the server to recover"
+            return (
+                f"the store refuses writes: {self._broken}; fix the disk, then reopen the store "
+                "(restart the server) to recover"
+            )
         refusal = self._refusal()
         if refusal is not None:
             return f"observations are refused: {refusal}"
@@ -311,9 +317,12 @@ class DurableModel:
         except Exception as exc:
             raise self._break(f"a log sync failed ({exc})") from exc
 
-    def _break(self, reason: str) -> DataError:
+    def _break(self, reason: str) -> Unavailable:
         self._broken = reason
-        return DataError(f"observations were not stored: {reason}; reopen the store to recover")
+        return Unavailable(
+            f"observations were not stored: {reason}; fix the disk, then reopen the store "
+            "(restart the server) to recover"
+        )
 
     def predict(
         self, user: Any, items: Sequence[Any], *, timeout: float | None = None
@@ -574,7 +583,10 @@ class DurableModel:
 
     def _check_intact(self) -> None:
         if self._broken is not None:
-            raise DataError(f"the store refuses writes: {self._broken}; reopen it to recover")
+            raise Unavailable(
+                f"the store refuses writes: {self._broken}; fix the disk, then reopen the store "
+                "(restart the server) to recover"
+            )
 
     def _page_in(self, users: Sequence[str]) -> None:
         """Load the checkpoints of users not in memory (a user never seen stays absent)."""
@@ -660,7 +672,11 @@ class Replaced(DataError):
 
 
 class Unavailable(DataError):
-    """Writes are refused because states cannot be written back; nothing was applied."""
+    """Writes are refused because the disk fails (the log, or checkpoints); nothing was applied.
+
+    Retrying later may succeed: after a failed checkpoint write-back once one
+    succeeds again, after a failed log write or fsync once the store is reopened.
+    """
 
 
 def _chunks(records: Iterator[tuple[int, bytes]]) -> Iterator[tuple[np.ndarray, list[bytes]]]:

@@ -1,17 +1,23 @@
 """A disk that fails under the durable model: it says so, refuses writes, loses nothing.
 
-The fault is injected into the store's checkpoint write, the one place a
-failing disk must not be allowed to grow memory: a real full disk fails the
-log commit too (the path ``test_durable`` covers, where the model refuses
-writes until reopened), and a disk that fails only checkpoints cannot be made
-for real. Everything else is real: RocksDB, the log, eviction, recovery.
+A real full filesystem (a small tmpfs, where one can be mounted) fails the
+log write first: the model refuses every write from then on until the store
+is reopened. A disk that fails only the checkpoint write-back, the one place
+a failing disk could grow memory without bound, cannot be made for real, so
+there the fault is injected into the store's checkpoint write; everything
+else is real: RocksDB, the log, eviction, recovery.
 """
 
 from __future__ import annotations
 
 import errno
+import json
+import shutil
+import subprocess
+import sys
 import threading
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -131,3 +137,29 @@ def test_the_background_write_back_reports_its_failures_and_stops_writes(tmp_pat
     durable.observe(*_batch(2))
     assert durable.problem is None
     durable.close()
+
+
+def test_a_full_filesystem_refuses_writes_and_loses_nothing_acknowledged(tmp_path):
+    """A real full disk: the log write fails first, then every write is refused until a reopen."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    probe = ["unshare", "-rm", "mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)]
+    if shutil.which("unshare") is None or subprocess.run(probe, capture_output=True).returncode:
+        pytest.skip("no small filesystem can be mounted here (unshare -rm, mount -t tmpfs)")
+    done = subprocess.run(
+        ["unshare", "-rm", sys.executable, "-m", "tests.full_disk_scenario", str(mount)],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).resolve().parent.parent,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout.splitlines()[-1])
+    first, *again = result["refusals"]
+    assert "were not stored" in first and "No space left on device" in first
+    assert all("refuses writes" in refusal for refusal in again) and len(again) == 2
+    assert "No space left on device" in result["problem"] and "fix the disk" in result["problem"]
+    acknowledged = result["acknowledged"]
+    assert acknowledged and result["logged"] == acknowledged  # each at its sequence number
+    per_user = Counter(acknowledged.values())
+    assert result["counts"] == {user: per_user[user] for user in result["counts"]}
