@@ -418,7 +418,8 @@ class DurableModel:
         rated index, not a scan of the log) hold the locks; erasing the
         deleted records from RocksDB's files and rewriting the offline
         store's and the registry's Parquet files (when the store is in a data
-        folder) run after, while observations and reads go on.
+        folder) run after, while observations and reads go on. If one of those
+        fails, the deletion stands and calling again finishes the rest.
         """
         (key,) = normalize_ids([user], "user")
         with self._flush_lock, self._write_lock, self._lock:

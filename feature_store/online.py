@@ -178,10 +178,12 @@ class OnlineStore(ObservationLog, Checkpoints, Forgetting, RatedIndex, Receipts)
             return
         self._cf.clear()
         self._handles.clear()
-        self._db.close()
-        if not self.read_only:
-            with _open_here_lock:
-                _open_here.discard(self.path.resolve())
+        try:
+            self._db.close()  # raises what RocksDB could not write (a failed disk)
+        finally:
+            if not self.read_only:
+                with _open_here_lock:
+                    _open_here.discard(self.path.resolve())
 
     def __enter__(self) -> OnlineStore:
         return self
