@@ -25,7 +25,6 @@ import numpy as np
 from aiohttp import web
 
 from feature_store.layout import DataLayout
-from feature_store.offline import OfflineStore
 from feature_store.registry import ModelRegistry
 from feature_store.versions import open_active
 from serving.batcher import ReadBatcher
@@ -185,17 +184,18 @@ async def observe(request: web.Request) -> web.Response:
 
 
 async def delete_user(request: web.Request) -> web.Response:
+    """Forget a user everywhere (the path ``velox store forget`` takes too)."""
     state = request.app[STATE]
     user = check_id(request.match_info["user"], "user", state.limits)
-    logged = await state.gate.exclusive(state.durable.delete_user, user)
-    layout = DataLayout.from_config(state.config)
-    stored = 0
-    if layout.offline.is_dir():
-        stored = await asyncio.get_running_loop().run_in_executor(
-            None, OfflineStore(layout.offline).delete_user, user
-        )
+    forgotten = await state.gate.exclusive(state.durable.delete_user, user)
     return json_response(
-        {"user": user, "deleted": True, "log_records": logged, "offline_rows": stored}
+        {
+            "user": user,
+            "deleted": True,
+            "log_records": forgotten.log_records,
+            "offline_rows": forgotten.offline_rows,
+            "registry_rows": forgotten.registry_rows,
+        }
     )
 
 
@@ -255,19 +255,26 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
+    """Ready once the model is loaded, and while its store takes writes (else 503, the reason)."""
     state = request.app.get(STATE)
     if state is None or state.observations is None:
         return error_response(503, "unavailable", "the model is not loaded yet")
+    problem = state.durable.problem
+    if problem is not None:
+        return error_response(503, "unavailable", problem)
     return json_response({"status": "ready", "version": state.durable.model.version})
 
 
 async def metrics(request: web.Request) -> web.Response:
     state = request.app[STATE]
-    exported = state.metrics
+    exported, durable = state.metrics, state.durable
     exported.queue_depth.set(state.observations.batcher.waiting if state.observations else 0)
     exported.cache.values.clear()
-    exported.cache.inc(state.durable.cache_hits, result="hit")
-    exported.cache.inc(state.durable.cache_misses, result="miss")
+    exported.cache.inc(durable.cache_hits, result="hit")
+    exported.cache.inc(durable.cache_misses, result="miss")
+    for kind, count in durable.failures.items():
+        exported.store_failures.set(count, kind=kind)
+    exported.store_problem.set(int(durable.problem is not None))
     return web.Response(text=exported.render(), content_type="text/plain", charset="utf-8")
 
 

@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Callable
 import msgspec
 from aiohttp import web
 
-from feature_store.durable import Busy, Replaced
+from feature_store.durable import Busy, Replaced, Unavailable
 from serving.batcher import Closed
 from serving.metrics import Metrics
 from serving.schemas import RequestError
@@ -84,7 +84,7 @@ def _failure(request: web.Request, exc: Exception) -> web.Response:
         return error_response(exc.status, exc.code, exc.message)
     if isinstance(exc, InputError):
         return error_response(422, "validation_error", str(exc))
-    if isinstance(exc, Closed | Busy | Replaced):
+    if isinstance(exc, Closed | Busy | Replaced | Unavailable):  # (a failing disk: the sentence)
         return error_response(503, "unavailable", str(exc))
     if isinstance(exc, VeloxError):  # the detail (paths, storage errors) stays in the log
         log.error("request failed: %s", exc)

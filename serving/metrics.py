@@ -132,6 +132,13 @@ class Metrics:
         self.lagging = Gauge(
             "velox_model_lagging", "1 while the served version is not the registry's active one."
         )
+        self.store_failures = Gauge(
+            "velox_store_failures_total",
+            "Failed checkpoint write-backs and evictions since the model opened, by kind.",
+        )
+        self.store_problem = Gauge(
+            "velox_store_problem", "1 while the store fails (GET /readyz says why), else 0."
+        )
         self.prequential_sse = Counter(
             "velox_prequential_squared_error_total",
             "Sum of squared errors of predictions made just before each observation, by version.",
