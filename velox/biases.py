@@ -67,8 +67,9 @@ class OnlineBiases:
 
     def ensure(self, items: Sequence[str]) -> np.ndarray:
         """Rows of ``items``, adding unseen ones with a zero prior bias."""
-        rows = np.empty(len(items), dtype=np.int64)
-        for position, item in enumerate(items):
+        rows = self.find(items)
+        for position in np.flatnonzero(rows < 0):  # new items are rare: look them up again
+            item = items[position]
             row = self._rows.get(item)
             if row is None:
                 row = self._rows[item] = len(self._rows)

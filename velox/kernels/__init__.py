@@ -5,7 +5,9 @@ Every state array is batched over users (or items): ``P, A`` are ``(B, d, d)``,
 GPU (CuPy) run the generic code of :mod:`velox.kernels.array_api`; NumPy arrays
 take the compiled single-pass update of :mod:`velox.kernels.cpu` when their
 layout allows it. Both compute the same recursion and are tested against the
-batch ridge solution.
+batch ridge solution. On the CPU the online model applies whole micro-batches
+in arrival order through :func:`velox.kernels.stream.apply_stream`, which
+runs the same per-state update inside one compiled loop.
 """
 
 from __future__ import annotations
