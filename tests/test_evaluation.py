@@ -219,3 +219,60 @@ def test_a_running_server_scores_the_stream_as_the_in_process_online_policy(tmp_
     served = rows[rows.policy == "server"].prediction.to_numpy()
     assert online.size == served.size == 4000
     np.testing.assert_allclose(served, online, rtol=1e-9, atol=1e-9)
+
+
+def test_tune_picks_the_best_grid_point_on_the_training_part_alone(table):
+    from velox.evaluation.tune import Grid, score_grid, tune
+
+    grid = Grid(ranks=(2, 4), regularization=((0.0, 5.0), (0.5, 1.0)), forgetting=(1.0, 0.98))
+    train, stream = temporal(table, 0.5)
+    params, model = ALSParams(iterations=3), ModelConfig()
+    ranked = tune(train, params, model, grid)
+    assert len(ranked) == 2 * 2 * 3 * 2
+    assert [c.rmse for c in ranked] == sorted(c.rmse for c in ranked)
+    past, recent = temporal(train, 0.8)
+    again = score_grid(past, recent, params, model, grid)
+    assert ranked[0].settings() == again[0].settings() and ranked[0].rmse == again[0].rmse
+    # Scoring one point by hand gives the same figure: train on the past, stream the recent.
+    best = ranked[0]
+    from velox.als import Ratings, train_als
+
+    online = train_als(Ratings.from_table(past), best.params).online_model(
+        version="v", config=best.model
+    )
+    trace = replay(online, recent)
+    truth = recent.column("rating").to_numpy()
+    scale = (min(past.column("rating").to_numpy().min(), truth.min()), truth.max())
+    assert best.rmse == pytest.approx(
+        np.sqrt(np.mean((np.clip(trace.predictions, *scale) - truth) ** 2)), rel=1e-12
+    )
+    on_stream = score_grid(train, stream, params, model, grid)
+    assert {c.rmse for c in on_stream} != {c.rmse for c in ranked}  # another split, other scores
+
+
+def test_velox_evaluate_tune_records_its_choice_and_the_check(tmp_path):
+    data = tmp_path / "ratings.parquet"
+    pq.write_table(synthesize(SMALL), data)
+    done = velox(
+        "--set",
+        "train.iterations=2",
+        "evaluate",
+        "--data",
+        str(data),
+        "--policies",
+        "online",
+        "--tune",
+        "--tune-check",
+        "--tune-ranks",
+        "2",
+        "--out",
+        str(tmp_path / "out"),
+        "--quiet",
+    )
+    assert done.returncode == 0, done.stderr
+    tuned = json.loads((tmp_path / "out" / "summary.json").read_text())["tuned"]
+    assert "--set train.rank=" in done.stdout
+    assert tuned["check"]["gap"] >= 0
+    assert tuned["check"]["chosen_on_stream"] >= tuned["check"]["best_on_stream"]
+    params = json.loads((tmp_path / "out" / "summary.json").read_text())["params"]
+    assert params["rank"] == tuned["settings"]["train.rank"]

@@ -18,11 +18,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from velox.als import ALSParams
-from velox.config import VeloxConfig
+from velox.config import ModelConfig, VeloxConfig
 from velox.datasets import SyntheticSpec, load_movielens, synthesize
 from velox.errors import DataError
-from velox.evaluation.harness import PROTOCOLS, Spec, evaluate, per_user_protocol
+from velox.evaluation.harness import PROTOCOLS, Spec, evaluate, per_user_protocol, split
 from velox.evaluation.policies import DEFAULT_POLICIES, POLICIES, ServerLearner
+from velox.evaluation.tune import GRID, Grid, score_grid, tune
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
@@ -48,6 +49,21 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--token", help="bearer token for --server's observe route")
     parser.add_argument("--out", default="results", help="results folder to write")
+    parser.add_argument(
+        "--tune",
+        action="store_true",
+        help="choose rank, regularisation, bias pseudo-count and forgetting on the training part",
+    )
+    parser.add_argument(
+        "--tune-check",
+        action="store_true",
+        help="with --tune: also score the whole grid on the stream and report the gap",
+    )
+    parser.add_argument(
+        "--tune-ranks",
+        default=",".join(str(rank) for rank in GRID.ranks),
+        help="comma-separated ranks the --tune grid tries",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -85,6 +101,30 @@ def _bar(name: str):
     return show
 
 
+def _tuned(
+    table: pa.Table, spec: Spec, params: ALSParams, model: ModelConfig, grid: Grid, *, check: bool
+):
+    """The settings ``--tune`` picks on the training part, and what to record of it."""
+    train, stream = split(table, spec)
+    print(f"tuning on the training part ({train.num_rows:,} ratings)...", file=sys.stderr)
+    best = tune(train, params, model, grid)[0]
+    chosen = best.settings()
+    print("tuned: " + " ".join(f"--set {key}={value}" for key, value in chosen.items()))
+    extra = {"tuned": {"settings": chosen, "tuning_rmse": best.rmse}}
+    if check:
+        on_stream = score_grid(train, stream, params, model, grid)
+        mine = next(c for c in on_stream if c.settings() == chosen)
+        extra["tuned"]["check"] = {
+            "chosen_on_stream": mine.rmse,
+            "best_on_stream": on_stream[0].rmse,
+            "best_settings": on_stream[0].settings(),
+            "gap": mine.rmse - on_stream[0].rmse,
+        }
+        best_rmse = on_stream[0].rmse
+        print(f"tune check: chosen {mine.rmse:.4f} on the stream, grid best {best_rmse:.4f}")
+    return best.params, best.model, extra
+
+
 def run(args: argparse.Namespace, config: VeloxConfig) -> None:
     """Run ``velox evaluate`` with the parsed ``args``."""
     from velox.evaluation import results
@@ -106,17 +146,20 @@ def run(args: argparse.Namespace, config: VeloxConfig) -> None:
         seed=config.train.seed,
     )
     progress = None if args.quiet else _bar
+    model, extra = config.model, {}
+    if args.tune:
+        ranks = tuple(int(rank) for rank in args.tune_ranks.split(","))
+        grid = dataclasses.replace(GRID, ranks=ranks)
+        params, model, extra = _tuned(table, spec, params, model, grid, check=args.tune_check)
     if args.server is None:
-        evaluation = evaluate(table, params, config.model, spec, progress=progress)
+        evaluation = evaluate(table, params, model, spec, progress=progress)
     else:
         from velox.client import Client
 
         spec = dataclasses.replace(spec, policies=(*spec.policies, "server"))
         with Client(args.server, token=args.token) as client:
             learners = {"server": ServerLearner(client)}
-            evaluation = evaluate(
-                table, params, config.model, spec, progress=progress, learners=learners
-            )
-    folder = results.write(evaluation, args.out)
+            evaluation = evaluate(table, params, model, spec, progress=progress, learners=learners)
+    folder = results.write(evaluation, args.out, extra)
     print(results.table(evaluation.summary()))
     print(f"results in {folder}")

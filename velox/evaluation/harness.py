@@ -128,7 +128,8 @@ def _scale(table: pa.Table) -> tuple[float, float]:
     return float(ratings.min()), float(ratings.max())
 
 
-def _split(table: pa.Table, spec: Spec) -> tuple[pa.Table, pa.Table]:
+def split(table: pa.Table, spec: Spec) -> tuple[pa.Table, pa.Table]:
+    """(train, stream) of the run's protocol."""
     if spec.protocol == "random":
         return random_split(table, spec.train_share, spec.seed)
     return temporal(table, spec.train_share)
@@ -150,7 +151,7 @@ def evaluate(
     """
     if spec.protocol == "per-user":
         raise InputError("the per-user protocol has its own entry point, per_user_protocol")
-    train, stream = _split(table, spec)
+    train, stream = split(table, spec)
     trained, seconds = _timed_training(train, params)
     setup = Setup(
         trained, params, model, train, stream.num_rows, spec.forgetting, spec.retrain_every

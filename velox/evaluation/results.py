@@ -50,12 +50,15 @@ def observations(evaluation: Evaluation) -> pa.Table:
     return pa.concat_tables(parts)
 
 
-def write(evaluation: Evaluation, folder: str | Path) -> Path:
-    """Write the results folder (created if needed; files of an earlier run are replaced)."""
+def write(evaluation: Evaluation, folder: str | Path, extra: dict | None = None) -> Path:
+    """Write the results folder (created if needed; files of an earlier run are replaced).
+
+    ``extra`` adds top-level entries to the summary (the tuning, for one).
+    """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     pq.write_table(observations(evaluation), folder / OBSERVATIONS)
-    summary = evaluation.summary()
+    summary = {**evaluation.summary(), **(extra or {})}
     (folder / SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
     plot(summary, folder)
     return folder
