@@ -4,6 +4,9 @@ Layout under the store's root::
 
     date=2024-01-31/seq-00000000000000000001-00000000000000000512.parquet
     _watermark            highest log sequence number the store holds
+    _writer.lock          held by the one writer that may move the watermark
+    _export/              what ``velox export`` keeps beside the data
+                          (dead letters, run reports; :mod:`batch_jobs.export`)
 
 Every row carries the log sequence number it had online (``seq``), which is
 what makes appends idempotent: rows at or below the watermark are skipped,
@@ -11,6 +14,10 @@ a file is named by the sequence range it holds (so rewriting a range replaces
 the same file), and readers drop duplicate sequence numbers left by an append
 that died between writing files and moving the watermark. Files and the
 watermark are replaced atomically (write to a temporary name, then rename).
+A writer that moves the watermark only after its files are complete
+(:meth:`OfflineStore.write_days`, then :meth:`OfflineStore.advance_watermark`)
+leaves nothing a reader up to the watermark can see when it dies, and
+:meth:`OfflineStore.discard_uncommitted` clears what it left above it.
 """
 
 from __future__ import annotations
@@ -157,16 +164,19 @@ class OfflineStore:
         return removed
 
     @contextmanager
-    def writer(self) -> Iterator[None]:
+    def writer(self, *, wait: bool = False) -> Iterator[None]:
         """Hold the store's writer lock: one exporter at a time moves the watermark.
 
         The lock is an ``flock`` on ``_writer.lock``; the system drops it when
-        its holder dies, so a killed writer never blocks the next one.
+        its holder dies, so a killed writer never blocks the next one. Held,
+        it is a :class:`DataError`, unless ``wait``: forgetting a user waits,
+        so an export that read the user's records before they were deleted
+        has written its files before the user's rows are removed from them.
         """
         handle = open(self.root / _WRITER_LOCK, "a")  # noqa: SIM115 (held across the yield)
         try:
             try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(handle, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 raise DataError(
                     f"another export is writing the offline store {self.root}; "
