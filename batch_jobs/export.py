@@ -76,6 +76,7 @@ import apache_beam as beam
 from apache_beam.metrics import Metrics
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
+from batch_jobs.export_cli import without_message
 from feature_store.codec import Observation, decode_observation
 from feature_store.files import atomic_write
 from feature_store.keyspace import iterate_records
@@ -253,7 +254,10 @@ def pipeline_options(args: Sequence[str]) -> PipelineOptions:
     options = PipelineOptions(list(args))
     messages = io.StringIO()
     try:
-        with contextlib.redirect_stderr(messages):
+        with (
+            contextlib.redirect_stderr(messages),
+            without_message(logging.getLogger(PipelineOptions.__module__), "unparseable"),
+        ):
             known = options.get_all_options(retain_unknown_options=False)
             given = options.get_all_options(retain_unknown_options=True)
     except SystemExit:

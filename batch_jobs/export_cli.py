@@ -8,6 +8,9 @@ without it.
 from __future__ import annotations
 
 import argparse
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from velox.config import VeloxConfig
 from velox.errors import ConfigError
@@ -46,12 +49,30 @@ def register(commands: argparse._SubParsersAction) -> None:
     export.set_defaults(handler=_export)
 
 
+@contextmanager
+def without_message(logger: logging.Logger, text: str) -> Iterator[None]:
+    """Drop ``logger``'s records that contain ``text`` meanwhile.
+
+    For Beam's warnings that tell a user of the export nothing: the Google
+    Cloud clients it never uses, or options it rejects with an error of its own.
+    """
+
+    def quiet(record: logging.LogRecord) -> bool:
+        return text not in record.getMessage()
+
+    logger.addFilter(quiet)
+    try:
+        yield
+    finally:
+        logger.removeFilter(quiet)
+
+
 def _export(args: argparse.Namespace, config: VeloxConfig) -> None:
     passed = args.pipeline_args[1:] if args.pipeline_args[:1] == ["--"] else args.pipeline_args
     if args.upto is not None and args.upto < 0:
         raise ConfigError(f"--upto must be a sequence number >= 0, got {args.upto}")
-    from batch_jobs.export import ExportJob
-
+    with without_message(logging.getLogger(), "apitools not found"):  # Beam's, on import
+        from batch_jobs.export import ExportJob
     ExportJob.from_config(
         config,
         upto=args.upto,
