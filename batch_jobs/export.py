@@ -36,24 +36,27 @@ training's concern (``train.rating_min``/``rating_max``), not the export's.
 Runners. The DirectRunner is the default, in process; ``-- --direct_running_mode=
 multi_processing --direct_num_workers=N`` spreads the ranges over N worker
 processes. Any other runner is chosen with ``--runner`` and configured with
-Beam's own pipeline options after ``--``. Its workers open the log and write
-the Parquet files themselves, so the data folder must be on a file system
-every worker mounts at the same path, and the workers need this package
-installed (a custom SDK container, or ``--environment_type=PROCESS``/
-``LOOPBACK``). Flink (portable runner; Beam starts the job server itself)::
+Beam's own pipeline options after ``--``. Flink and Spark are Beam's portable
+runners: Beam starts their job server itself (a Java jar it downloads
+from Maven Central, or the one ``--flink_job_server_jar``/``--spark_job_server_jar``
+names), which submits the job to the cluster. Flink (1.19 to 2.2)::
 
     velox export --runner FlinkRunner -- --flink_master=flink-host:8081 \\
         --parallelism=4 --environment_type=LOOPBACK
 
-Spark (portable runner, Spark 3 job server)::
+Spark (a Spark 3 cluster, whatever PySpark ``velox train`` uses)::
 
     velox export --runner SparkRunner -- --spark_master_url=spark://spark-host:7077 \\
         --environment_type=LOOPBACK
 
-``LOOPBACK`` runs the Python work in the ``velox export`` process itself,
-which suits a single machine; on a cluster use ``--environment_type=DOCKER``
-with ``--sdk_container_image`` of an image that has Velox installed, or
-``PROCESS`` with ``--environment_config`` naming a boot command on each worker.
+Where the Python work runs is Beam's ``--environment_type``. ``LOOPBACK``
+runs it in the ``velox export`` process itself: the cluster schedules and
+moves the ranges, and only this machine needs the data folder. To spread the
+work over the cluster's machines, use ``DOCKER`` with ``--sdk_container_image``
+naming an image with Velox installed (or ``PROCESS`` with
+``--environment_config`` naming a worker boot command); then every worker
+opens the log and writes the Parquet files itself, so the data folder must
+be on a file system that all of them mount at the same path.
 """
 
 from __future__ import annotations
