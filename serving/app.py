@@ -28,7 +28,7 @@ from feature_store.layout import DataLayout
 from feature_store.registry import ModelRegistry
 from feature_store.versions import open_active
 from serving.batcher import ReadBatcher
-from serving.deadline import Deadline, Scores, as_scores, prior_scores
+from serving.deadline import Deadline, ScoreColumns, as_scores, prior_scores
 from serving.http import (
     ADMIN,
     LIMITS,
@@ -48,8 +48,16 @@ from serving.schemas import (
     OBSERVE,
     PREDICT,
     TOPK,
+    Activated,
+    Forgotten,
+    Models,
     ObservationBody,
     RequestError,
+    ScoredItem,
+    Scores,
+    Status,
+    UserSummary,
+    VersionSummary,
     check_id,
     check_ids,
     check_observations,
@@ -115,7 +123,7 @@ async def topk(request: web.Request) -> web.Response:
             timeout=timeout,
         )
 
-    def fallback() -> Scores:
+    def fallback() -> ScoreColumns:
         every = candidates if candidates is not None else state.durable.model.every_item()
         keys = [k for k in every if k not in exclude]
         _, scores, cold = prior_scores(state.durable, keys)
@@ -128,19 +136,15 @@ async def topk(request: web.Request) -> web.Response:
     return _scores_response(state, user, result, degraded)
 
 
-def _scores_response(state: Serving, user: str, result: Scores, degraded: bool) -> web.Response:
+def _scores_response(
+    state: Serving, user: str, result: ScoreColumns, degraded: bool
+) -> web.Response:
     items, scores, cold = result
-    return json_response(
-        {
-            "user": user,
-            "version": state.durable.model.version,
-            "items": [
-                {"item": i, "score": float(s), "cold": bool(c)}
-                for i, s, c in zip(items, scores, cold, strict=True)
-            ],
-            "degraded": degraded,
-        }
-    )
+    scored = [
+        ScoredItem(i, float(s), bool(c))
+        for i, s, c in zip(items, scores.tolist(), cold.tolist(), strict=True)
+    ]
+    return json_response(Scores(user, state.durable.model.version, scored, degraded))
 
 
 async def get_user(request: web.Request) -> web.Response:
@@ -150,14 +154,14 @@ async def get_user(request: web.Request) -> web.Response:
         raise RequestError(503, "unavailable", "a model switch or deletion is in progress; retry")
     info = state.durable.user_state(user)
     return json_response(
-        {
-            "user": info.user,
-            "known": info.known,
-            "observations": info.observations,
-            "version": info.version,
-            "last_update": info.last_update,
-            "weights": info.weights.tolist(),
-        }
+        UserSummary(
+            info.user,
+            info.known,
+            info.observations,
+            info.version,
+            info.last_update,
+            info.weights.tolist(),
+        )
     )
 
 
@@ -189,13 +193,9 @@ async def delete_user(request: web.Request) -> web.Response:
     user = check_id(request.match_info["user"], "user", state.limits)
     forgotten = await state.gate.exclusive(state.durable.delete_user, user)
     return json_response(
-        {
-            "user": user,
-            "deleted": True,
-            "log_records": forgotten.log_records,
-            "offline_rows": forgotten.offline_rows,
-            "registry_rows": forgotten.registry_rows,
-        }
+        Forgotten(
+            user, True, forgotten.log_records, forgotten.offline_rows, forgotten.registry_rows
+        )
     )
 
 
@@ -207,26 +207,12 @@ async def models(request: web.Request) -> web.Response:
     versions = await asyncio.get_running_loop().run_in_executor(None, state.registry.versions)
     active = next((v.name for v in versions if v.state == "active"), None)
     serving = state.durable.model.version
-    return json_response(
-        {
-            "active": active,
-            "serving": serving,
-            "lagging": active is not None and active != serving,
-            "problem": state.versions.problem,
-            "versions": [
-                {
-                    "version": v.name,
-                    "state": v.state,
-                    "created": v.created,
-                    "engine": v.engine,
-                    "mode": v.mode,
-                    "watermark": v.watermark,
-                    "metrics": v.metrics,
-                }
-                for v in versions
-            ],
-        }
-    )
+    summaries = [
+        VersionSummary(v.name, v.state, v.created, v.engine, v.mode, v.watermark, v.metrics)
+        for v in versions
+    ]
+    lagging = active is not None and active != serving
+    return json_response(Models(active, serving, lagging, state.versions.problem, summaries))
 
 
 async def activate(request: web.Request) -> web.Response:
@@ -244,14 +230,14 @@ async def activate(request: web.Request) -> web.Response:
             409, "conflict", f"{version.name} is {version.state}; only a ready version can serve"
         )
     await state.versions.activate(version)
-    return json_response({"active": version.name})
+    return json_response(Activated(version.name))
 
 
 # --------------------------------------------------------------------- service
 
 
 async def healthz(request: web.Request) -> web.Response:
-    return json_response({"status": "ok"})
+    return json_response(Status("ok"))
 
 
 async def readyz(request: web.Request) -> web.Response:
@@ -262,7 +248,7 @@ async def readyz(request: web.Request) -> web.Response:
     problem = state.durable.problem
     if problem is not None:
         return error_response(503, "unavailable", problem)
-    return json_response({"status": "ready", "version": state.durable.model.version})
+    return json_response(Status("ready", state.durable.model.version))
 
 
 async def metrics(request: web.Request) -> web.Response:

@@ -19,7 +19,7 @@ import numpy as np
 from feature_store.durable import Busy, DurableModel, Replaced
 from serving.metrics import Metrics
 
-Scores = tuple[list[str], np.ndarray, np.ndarray]
+ScoreColumns = tuple[list[str], np.ndarray, np.ndarray]
 """Items, their scores and whether each is cold (unknown to the version's features)."""
 
 
@@ -63,25 +63,25 @@ class Deadline:
         started: float,
         model_free: bool,
         compute: Callable[[float | None], Any],
-        fallback: Callable[[], Scores],
-    ) -> tuple[Scores, bool]:
+        fallback: Callable[[], ScoreColumns],
+    ) -> tuple[ScoreColumns, bool]:
         """:meth:`attempt`'s scores, else ``fallback()``'s; and whether degraded."""
         result = self.attempt(started, model_free, compute)
         if result is None:
             return self.degraded(route, fallback), True
         return as_scores(result), False
 
-    def degraded(self, route: str, fallback: Callable[[], Scores]) -> Scores:
+    def degraded(self, route: str, fallback: Callable[[], ScoreColumns]) -> ScoreColumns:
         """The prior's answer to a read of ``route``, counted."""
         self._metrics.degraded.inc(route=route)
         return fallback()
 
 
-def as_scores(prediction: Any) -> Scores:
+def as_scores(prediction: Any) -> ScoreColumns:
     return prediction.items, prediction.scores, prediction.cold
 
 
-def prior_scores(durable: DurableModel, items: list[str]) -> Scores:
+def prior_scores(durable: DurableModel, items: list[str]) -> ScoreColumns:
     """``mu + b_i``: the answer for any user when there is no time to ask the model."""
     model = durable.model
     scores = model.biases.mean + model.biases.bias(model.biases.find(items))

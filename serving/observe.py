@@ -22,7 +22,7 @@ from feature_store.codec import decode_log
 from feature_store.durable import Replaced
 from feature_store.receipts import Receipt
 from serving.batcher import Closed, MicroBatcher
-from serving.schemas import RequestError
+from serving.schemas import Observed, RequestError
 from serving.state import Serving
 
 Columns = tuple[list[str], list[str], list[float], list[float]]
@@ -52,12 +52,12 @@ class Observations:
         """Apply, sync and answer what is queued; take nothing more."""
         await self.batcher.close()
 
-    async def submit(self, columns: Columns) -> dict:
+    async def submit(self, columns: Columns) -> Observed:
         """Apply a request's observations once they are durable; its answer."""
         (seqs, predictions, cold), part = await self.batcher.submit(*columns)
         return _observed(seqs[part], predictions[part], cold[part])
 
-    async def once(self, key: str, raw: bytes, columns: Columns) -> tuple[dict, bool]:
+    async def once(self, key: str, raw: bytes, columns: Columns) -> tuple[Observed, bool]:
         """A request sent with an idempotency key: its answer, and whether it is a replay.
 
         The key's receipt (the body's digest and the log records it became) is
@@ -118,7 +118,7 @@ class Observations:
         metrics.prequential_count.inc(len(errors), version=applied.version)
         return seqs.tolist(), applied.predictions.tolist(), applied.cold.tolist()
 
-    def _from_log(self, receipt: Receipt) -> dict:
+    def _from_log(self, receipt: Receipt) -> Observed:
         """The first answer to an idempotent request, rebuilt from its log records."""
         records = self._state.durable.records(receipt.first, receipt.count)
         if records is None:
@@ -133,8 +133,8 @@ class Observations:
         )
 
 
-def _observed(seqs: list, predictions: list, cold: list) -> dict:
-    return {"accepted": len(seqs), "seqs": seqs, "predictions": predictions, "cold": cold}
+def _observed(seqs: list, predictions: list, cold: list) -> Observed:
+    return Observed(len(seqs), seqs, predictions, cold)
 
 
 def _key_reused(key: str) -> RequestError:

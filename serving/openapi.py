@@ -1,80 +1,73 @@
 """The OpenAPI 3.1 document of the HTTP API, served at ``/openapi.json``.
 
-Written out once here (rather than generated) so it states the limits and
-error contract the handlers enforce; the fuzz test drives the running server
-from it.
+Every body schema is generated from the msgspec types of
+:mod:`serving.schemas` (``msgspec.json.schema_components``), the same types
+that decode and check requests and encode answers, so the document cannot
+drift from what the server enforces and sends. What is written here is what
+types do not say: paths, parameters, statuses, and the bearer scheme. The
+fuzz test drives the running server from this document.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-_ID = {"oneOf": [{"type": "string", "minLength": 1}, {"type": "integer"}]}
-_ERROR = {
-    "type": "object",
-    "required": ["error", "message"],
-    "properties": {"error": {"type": "string"}, "message": {"type": "string"}},
-}
-_SCORES = {
-    "type": "object",
-    "required": ["user", "version", "items", "degraded"],
-    "properties": {
-        "user": {"type": "string"},
-        "version": {"type": "string"},
-        "degraded": {"type": "boolean"},
-        "items": {
-            "type": "array",
-            "items": {
-                "type": "object",
-                "required": ["item", "score", "cold"],
-                "properties": {
-                    "item": {"type": "string"},
-                    "score": {"type": "number"},
-                    "cold": {"type": "boolean"},
-                },
-            },
-        },
-    },
-}
-_OBSERVATION = {
-    "type": "object",
-    "required": ["user", "item", "rating"],
-    "additionalProperties": False,
-    "properties": {
-        "user": _ID,
-        "item": _ID,
-        "rating": {"type": "number"},
-        "ts": {"type": "number"},
-    },
-}
+import msgspec
+
+from serving.schemas import (
+    Activated,
+    ErrorBody,
+    Forgotten,
+    Models,
+    Observations,
+    Observed,
+    PredictBody,
+    Scores,
+    Status,
+    TopKBody,
+    UserSummary,
+)
+
+_TYPES = (
+    PredictBody,
+    TopKBody,
+    Observations,
+    Scores,
+    Observed,
+    UserSummary,
+    Forgotten,
+    Models,
+    Activated,
+    Status,
+    ErrorBody,
+)
 
 
-def _errors(*codes: int) -> dict[str, Any]:
-    content = {"application/json": {"schema": _ERROR}}
-    return {str(code): {"description": "client error", "content": content} for code in codes}
-
-
-def _json(schema: dict) -> dict[str, Any]:
-    return {"required": True, "content": {"application/json": {"schema": schema}}}
-
-
-def _ok(schema: dict) -> dict[str, Any]:
-    return {"200": {"description": "ok", "content": {"application/json": {"schema": schema}}}}
-
-
-def _operation(summary: str, body: dict | None, result: dict, *errors: int) -> dict[str, Any]:
-    operation: dict[str, Any] = {
-        "summary": summary,
-        "responses": {**_ok(result), **_errors(*errors)},
-    }
-    if body is not None:
-        operation["requestBody"] = _json(body)
-    return operation
+def _content(schema: dict) -> dict[str, Any]:
+    return {"application/json": {"schema": schema}}
 
 
 def openapi_document() -> dict[str, Any]:
-    """The API description; every 4xx has the ``{"error", "message"}`` body."""
-    user_path = {"name": "user", "in": "path", "required": True, "schema": {"type": "string"}}
+    """The API description; every 4xx and 503 has the ``{"error", "message"}`` body."""
+    schemas, components = msgspec.json.schema_components(
+        _TYPES, ref_template="#/components/schemas/{name}"
+    )
+    predict, topk, observe, scores, observed, user, forgotten, models, activated, status, error = (
+        schemas
+    )
+
+    def operation(summary: str, body: dict | None, answer: dict, *errors: int) -> dict[str, Any]:
+        responses = {"200": {"description": "ok", "content": _content(answer)}}
+        for code in errors:
+            responses[str(code)] = {"description": "error", "content": _content(error)}
+        described: dict[str, Any] = {"summary": summary, "responses": responses}
+        if body is not None:
+            described["requestBody"] = {"required": True, "content": _content(body)}
+        return described
+
+    def path_parameter(name: str) -> dict[str, Any]:
+        return {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
+
     idempotency_key = {
         "name": "Idempotency-Key",
         "in": "header",
@@ -83,95 +76,49 @@ def openapi_document() -> dict[str, Any]:
         "first answer again (header Idempotent-Replayed); another body is a 422.",
         "schema": {"type": "string", "minLength": 1},
     }
-    predict = {
-        "type": "object",
-        "required": ["user", "items"],
-        "additionalProperties": False,
-        "properties": {"user": _ID, "items": {"type": "array", "items": _ID, "minItems": 1}},
-    }
-    topk = {
-        "type": "object",
-        "required": ["user", "k"],
-        "additionalProperties": False,
-        "properties": {
-            "user": _ID,
-            "k": {"type": "integer", "minimum": 1},
-            "candidates": {"type": "array", "items": _ID},
-            "explore": {"enum": ["none", "ucb", "thompson"]},
-            "alpha": {"type": "number", "minimum": 0},
-            "include_rated": {"type": "boolean"},
-        },
-    }
-    observe = {"oneOf": [_OBSERVATION, {"type": "array", "items": _OBSERVATION, "minItems": 1}]}
-    observed = {
-        "type": "object",
-        "properties": {
-            "accepted": {"type": "integer"},
-            "seqs": {"type": "array", "items": {"type": "integer"}},
-            "predictions": {"type": "array", "items": {"type": "number"}},
-            "cold": {"type": "array", "items": {"type": "boolean"}},
-        },
-    }
-    anything = {"type": "object"}
+    reads = (400, 401, 403, 413, 422, 503)
     return {
         "openapi": "3.1.0",
         "info": {"title": "Velox", "version": "1", "description": "Online personalisation."},
         "components": {
+            "schemas": components,
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
         },
         "security": [{"bearer": []}, {}],
         "paths": {
-            "/predict": {
-                "post": _operation(
-                    "Scores of items for a user", predict, _SCORES, 400, 401, 403, 413, 422
-                )
-            },
-            "/topk": {
-                "post": _operation(
-                    "The k best items for a user", topk, _SCORES, 400, 401, 403, 413, 422
-                )
-            },
+            "/predict": {"post": operation("Scores of items for a user", predict, scores, *reads)},
+            "/topk": {"post": operation("The k best items for a user", topk, scores, *reads)},
             "/observe": {
                 "post": {
-                    **_operation(
-                        "Learn from observations, durably",
-                        observe,
-                        observed,
-                        400,
-                        401,
-                        403,
-                        410,
-                        413,
-                        422,
-                    ),
+                    **operation("Learn from observations, durably", observe, observed, *reads, 410),
                     "parameters": [idempotency_key],
                 }
             },
             "/users/{user}": {
-                "parameters": [user_path],
-                "get": _operation("A user's state summary", None, anything, 401, 403, 422),
-                "delete": _operation("Forget a user", None, anything, 401, 403, 422),
+                "parameters": [path_parameter("user")],
+                "get": operation("A user's state summary", None, user, 401, 403, 422, 503),
+                "delete": operation("Forget a user", None, forgotten, 401, 403, 422, 503),
             },
-            "/models": {"get": _operation("Model versions", None, anything, 401, 403)},
+            "/models": {"get": operation("Model versions", None, models, 401, 403)},
             "/models/{version}/activate": {
-                "parameters": [
-                    {
-                        "name": "version",
-                        "in": "path",
-                        "required": True,
-                        "schema": {"type": "string"},
-                    }
-                ],
-                "post": _operation("Serve a ready version", None, anything, 401, 403, 404, 409),
+                "parameters": [path_parameter("version")],
+                "post": operation("Serve a ready version", None, activated, 401, 403, 404, 409),
             },
-            "/healthz": {"get": _operation("Liveness", None, anything)},
-            "/readyz": {"get": _operation("Readiness", None, anything, 503)},
+            "/healthz": {"get": operation("Liveness", None, status)},
+            "/readyz": {"get": operation("Readiness", None, status, 503)},
             "/metrics": {
                 "get": {
                     "summary": "Prometheus metrics",
                     "responses": {"200": {"description": "text"}},
                 }
             },
-            "/openapi.json": {"get": _operation("This document", None, anything)},
+            "/openapi.json": {
+                "get": {
+                    "summary": "This document",
+                    "responses": {
+                        "200": {"description": "ok", "content": _content({"type": "object"})}
+                    },
+                }
+            },
         },
     }

@@ -1,23 +1,28 @@
-"""Request bodies: decoded and type-checked by msgspec, then checked against the limits.
+"""The API's bodies as msgspec types: requests decoded and checked, answers encoded.
 
 msgspec decodes straight into typed structs (several times faster than
-``json`` plus hand checks) and says where a type is wrong (``at $.items[3]``).
-The limits and value rules the types cannot express follow in
-:func:`check_ids`, :func:`check_observations` and friends. Every failure is a
-:class:`RequestError` with the HTTP status and error code to answer with;
-nothing is applied before the whole body has passed.
+``json`` plus hand checks) and says where a type is wrong (``at $.items[3]``);
+the rules the types carry (``msgspec.Meta``: non-empty ids and lists, a
+non-negative ``alpha``) are enforced there and appear in the OpenAPI
+document, which :mod:`serving.openapi` generates from these same types. The
+limits that come from the settings and the value rules the types cannot
+express follow in :func:`check_ids`, :func:`check_observations` and friends.
+Every failure is a :class:`RequestError` with the HTTP status and error code
+to answer with; nothing is applied before the whole body has passed.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Annotated, Literal
 
 import msgspec
+from msgspec import Meta, Struct
 
 from velox.config import ServeConfig
 
-Id = str | int
+Id = Annotated[str, Meta(min_length=1)] | int
+"""Ids are strings; integers are accepted and turned into strings."""
 
 
 class RequestError(Exception):
@@ -28,32 +33,127 @@ class RequestError(Exception):
         self.status, self.code, self.message = status, code, message
 
 
-class PredictBody(msgspec.Struct, forbid_unknown_fields=True):
+# ------------------------------------------------------------------- requests
+
+
+class PredictBody(Struct, forbid_unknown_fields=True):
+    """Scores of ``items`` for ``user``."""
+
     user: Id
-    items: list[Id]
+    items: Annotated[list[Id], Meta(min_length=1)]
 
 
-class TopKBody(msgspec.Struct, forbid_unknown_fields=True):
+class TopKBody(Struct, forbid_unknown_fields=True):
+    """The ``k`` best items for ``user``: of ``candidates``, or of every item."""
+
     user: Id
     k: int
     candidates: list[Id] | None = None
     explore: Literal["none", "ucb", "thompson"] = "none"
-    alpha: float = 1.0
+    alpha: Annotated[float, Meta(ge=0)] = 1.0
     include_rated: bool = False
 
 
-class ObservationBody(msgspec.Struct, forbid_unknown_fields=True):
+class ObservationBody(Struct, forbid_unknown_fields=True):
+    """One rating; ``ts`` (seconds since the epoch) defaults to its arrival."""
+
     user: Id
     item: Id
     rating: float
     ts: float | None = None
 
 
+Observations = ObservationBody | Annotated[list[ObservationBody], Meta(min_length=1)]
+"""What ``POST /observe`` takes: one observation or a non-empty list."""
+
 PREDICT = msgspec.json.Decoder(PredictBody)
 TOPK = msgspec.json.Decoder(TopKBody)
-OBSERVE = msgspec.json.Decoder(ObservationBody | list[ObservationBody])
+OBSERVE = msgspec.json.Decoder(Observations)
 """Decoders built once: msgspec caches a plain type's plan, but a union written in
 the call (``A | list[A]``) is a new object every time, planned again per request."""
+
+
+# -------------------------------------------------------------------- answers
+
+
+class ScoredItem(Struct):
+    item: str
+    score: float
+    cold: bool
+    """Whether the version's features do not know the item (it is folded in online)."""
+
+
+class Scores(Struct):
+    """The answer of ``/predict`` and ``/topk``; ``degraded``: the prior's, for lack of time."""
+
+    user: str
+    version: str
+    items: list[ScoredItem]
+    degraded: bool
+
+
+class Observed(Struct):
+    """Durably applied observations: their log positions and the predictions made before."""
+
+    accepted: int
+    seqs: list[int]
+    predictions: list[float]
+    cold: list[bool]
+
+
+class UserSummary(Struct):
+    user: str
+    known: bool
+    observations: int
+    version: str
+    last_update: float
+    weights: list[float]
+
+
+class Forgotten(Struct):
+    """What forgetting a user removed."""
+
+    user: str
+    deleted: bool
+    log_records: int
+    offline_rows: int
+    registry_rows: int
+
+
+class VersionSummary(Struct):
+    version: str
+    state: str
+    created: str
+    engine: str
+    mode: str
+    watermark: int
+    metrics: dict[str, float]
+
+
+class Models(Struct):
+    """The registry's versions, the one its pointer names, and the one this server serves."""
+
+    active: str | None
+    serving: str
+    lagging: bool
+    problem: str | None
+    versions: list[VersionSummary]
+
+
+class Activated(Struct):
+    active: str
+
+
+class Status(Struct, omit_defaults=True):
+    status: str
+    version: str | None = None
+
+
+class ErrorBody(Struct):
+    """Every 4xx and 5xx answer: a stable code and one sentence."""
+
+    error: str
+    message: str
 
 
 def decode(body: bytes, decoder: msgspec.json.Decoder) -> object:
@@ -107,8 +207,6 @@ def check_observations(
     observations: list[ObservationBody], limits: ServeConfig
 ) -> tuple[list[str], list[str], list[float], list[float | None]]:
     """Columns of a valid observe body; the first bad observation is named by its index."""
-    if not observations:
-        raise RequestError(422, "validation_error", "observe needs at least one observation")
     if len(observations) > limits.max_list:
         raise RequestError(
             422,

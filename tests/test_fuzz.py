@@ -53,3 +53,6 @@ def test_no_5xx_and_rejected_requests_change_nothing(case, live):
         body = response.json()
         assert set(body) == {"error", "message"} and body["message"], body
         assert _applied(live) == before
+    from schemathesis.checks import response_schema_conformance
+
+    case.validate_response(response, checks=[response_schema_conformance])  # as documented
