@@ -347,7 +347,10 @@ class ExportJob:
             after, upto = store.watermark, self._end(head)
             ranges = plan_ranges(after, upto, self.range_size)
             if not ranges:
-                self.emit(f"nothing to export: the offline store holds the log up to seq {after}")
+                self.emit(
+                    f"nothing to export: the offline store holds the log up to seq {after} "
+                    f"(durable head {head})"
+                )
                 return ExportReport(after, after, 0, 0, 0, {}, [], 0.0, runner)
             started = time.perf_counter()
             self._run_pipeline(pipeline, ranges, folder, started)
