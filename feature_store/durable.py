@@ -432,7 +432,9 @@ class DurableModel:
         layout = DataLayout.around(self.store.path)
         offline = registry = 0
         if layout is not None and layout.offline.is_dir():
-            offline = OfflineStore(layout.offline).delete_user(key)
+            store = OfflineStore(layout.offline)
+            with store.writer(wait=True):  # after a running export has written the user's rows
+                offline = store.delete_user(key)
         if layout is not None and layout.registry.is_dir():
             registry = ModelRegistry(layout.registry).forget_users({key})
         return Forgotten(len(records), offline, registry)
