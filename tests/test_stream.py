@@ -21,7 +21,7 @@ from tests.kernel_checks import batch_solution, relative_error
 from velox.backend import CUPY_UNAVAILABLE_REASON, HAS_CUPY, get_backend
 from velox.errors import InputError
 from velox.features import MatrixFactorization
-from velox.kernels import stream
+from velox.kernels import cpu
 from velox.model import Applied, OnlineModel
 
 ITEMS = [*(f"i{j}" for j in range(8)), "new1", "new2"]  # i0..i7 known, new1/new2 folded in
@@ -188,13 +188,13 @@ def test_any_cut_gives_the_same_bits(cuts, seed):
 def test_a_batch_is_one_compiled_call_whatever_the_order_of_its_users(monkeypatch):
     """The cost of a batch must not grow with its bursts: one call, not one per round."""
     calls = []
-    compiled = stream._stream
+    compiled = cpu.in_order
 
     def counted(*args):
         calls.append(args[-2])  # where the call starts in the batch
         return compiled(*args)
 
-    monkeypatch.setattr(stream, "_stream", counted)
+    monkeypatch.setattr(cpu, "in_order", counted)
     model = small_model()
     burst = ["u"] * 64
     spread = [f"u{j}" for j in range(64)]

@@ -5,6 +5,10 @@ materialising it, so the generic version makes four extra passes over memory
 per matrix; this loop reads and writes ``P`` and ``A`` once each and is within
 about 2x of a plain copy of the states (``benchmarks/kernels.py``). It
 computes exactly the recursion of :func:`velox.kernels.array_api.rank_one_update`.
+
+The per-state steps (:func:`project`, :func:`apply_gain`) serve two loops:
+the batch of distinct states here, and :func:`in_order`, the online model's
+micro-batch in arrival order (:mod:`velox.kernels.stream`).
 """
 
 from __future__ import annotations
@@ -77,6 +81,93 @@ def _update_rows(P, w, A, b, f, t, gamma, rows, todo, pred, drifted):  # pragma:
             drifted[j] = True
             continue
         pred[j] = apply_gain(P[r], w[r], A[r], b[r], f[j], t[j], gamma, u, quad)
+
+
+@numba.njit(cache=True, boundscheck=False)
+def _copy(source, target):  # pragma: no cover - compiled
+    for m in range(source.size):
+        target[m] = source[m]
+
+
+@numba.njit(cache=True, boundscheck=False)
+def in_order(  # the compiled loop takes its arrays flat  # pragma: no cover
+    UP, Uw, UA, Ub, Ucount, Uupdated, Ugamma, Uinterval,
+    IP, Iw, IA, Ib, Icount, Iupdated, Igamma, Iinterval,
+    totals, prior, sums, counts, bias_reg,
+    user_rows, feature_rows, fold_rows, bias_rows,
+    F, base, free, fixed, y, when, skip_user, replay,
+    predictions, targets, residuals, cold_features, foldin_inputs, foldin_targets,
+    start, trusted,
+):  # fmt: skip
+    """A batch in arrival order (:mod:`velox.kernels.stream` says what and why).
+
+    Returns ``(next position, user row to refit, fold-in row to refit)``, -1 for none.
+    """
+    d, k = F.shape[1], free.size
+    f = np.empty(d, dtype=UP.dtype)
+    x = np.empty(k, dtype=UP.dtype)
+    u = np.empty(d, dtype=UP.dtype)
+    v = np.empty(k, dtype=UP.dtype)
+    cast = np.empty(2, dtype=UP.dtype)  # targets in the states' dtype, as the kernels take them
+    for j in range(start, y.size):
+        r, c, q = user_rows[j], fold_rows[j], bias_rows[j]
+        if c < 0:
+            _copy(F[feature_rows[j]], f)
+        elif replay:
+            _copy(cold_features[j], f)
+        else:
+            _copy(base, f)
+            for m in range(k):
+                f[free[m]] = Iw[c, m]
+        mu = totals[0] / totals[1]
+        bias = (bias_reg * prior[q] + sums[q]) / max(bias_reg + counts[q], 1e-12)
+        t = targets[j] if replay else y[j] - mu - bias
+        user = not skip_user[j]
+        quad_u = project(UP[r], f, u) if user else 0.0
+        quad_i = 0.0
+        if c >= 0:
+            if replay:
+                _copy(foldin_inputs[j], x)
+            else:
+                fixed_part = 0.0
+                for m in range(fixed.size):
+                    fixed_part += Uw[r, fixed[m]] * base[fixed[m]]
+                for m in range(k):
+                    x[m] = Uw[r, free[m]]
+                _copy(f, cold_features[j])
+                _copy(x, foldin_inputs[j])
+                foldin_targets[j] = t - fixed_part
+            cast[1] = foldin_targets[j]
+            quad_i = project(IP[c], x, v)
+        if j != trusted:  # a drifted state is refit before anything of this observation changes
+            drift_u = user and not quad_u >= 0.0
+            drift_i = c >= 0 and not quad_i >= 0.0
+            if drift_u or drift_i:
+                return j, r if drift_u else -1, c if drift_i else -1
+        linear = 0.0
+        if user:
+            cast[0] = t
+            linear = apply_gain(UP[r], Uw[r], UA[r], Ub[r], f, cast[0], Ugamma, u, quad_u)
+            Ucount[r] += 1
+            Uupdated[r] = when[j]
+        if not replay:
+            predictions[j] = mu + bias + linear
+            targets[j] = t
+            residuals[j] = y[j] - mu - linear
+        totals[0] += y[j]
+        totals[1] += 1.0
+        sums[q] += residuals[j]
+        counts[q] += 1.0
+        due_i = False
+        if c >= 0:
+            apply_gain(IP[c], Iw[c], IA[c], Ib[c], x, cast[1], Igamma, v, quad_i)
+            Icount[c] += 1
+            Iupdated[c] = when[j]
+            due_i = Icount[c] % Iinterval == 0
+        due_u = user and Ucount[r] % Uinterval == 0
+        if due_u or due_i:
+            return j + 1, r if due_u else -1, c if due_i else -1
+    return y.size, -1, -1
 
 
 _FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
