@@ -355,6 +355,13 @@ class ExportJob:
             started = time.perf_counter()
             self._run_pipeline(pipeline, ranges, folder, started)
             report = self._report(folder, ranges, runner, time.perf_counter() - started)
+            stored = store.rows_in(after + 1, upto)
+            if stored != report.written:  # the counts reconcile on every run, or nothing moves
+                raise DataError(
+                    f"the files of seq {after + 1}..{upto} hold {stored} rows where the pipeline "
+                    f"wrote {report.written}; the watermark stays at {after}: "
+                    "run velox export again"
+                )
             _write_json(folder.report(after + 1, upto), dataclasses.asdict(report))
             store.advance_watermark(upto)
             for manifest in folder.manifests():

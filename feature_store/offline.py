@@ -57,6 +57,16 @@ def range_name(first: int, last: int, suffix: str) -> str:
     return f"seq-{first:020d}-{last:020d}{suffix}"
 
 
+def range_of(name: str) -> tuple[int, int] | None:
+    """The sequence range in a name made by :func:`range_name` (None for other names).
+
+    >>> range_of(".seq-00000000000000000001-00000000000000000512.parquet.1f2e.tmp")
+    (1, 512)
+    """
+    found = _RANGE.search(name)
+    return (int(found.group(1)), int(found.group(2))) if found else None
+
+
 def log_rows(entries: Iterable[tuple[int, Observation]]) -> pa.Table:
     """Logged ``(seq, observation)`` pairs as rows of :data:`OFFLINE_SCHEMA`."""
     pairs = list(entries)
@@ -155,8 +165,8 @@ class OfflineStore:
         mark = self.watermark
         removed = []
         for path in sorted(self.root.rglob("*seq-*")):
-            found = _RANGE.search(path.name)
-            if path.is_file() and found and int(found.group(1)) > mark:
+            found = range_of(path.name)
+            if path.is_file() and found and found[0] > mark:
                 path.unlink()
                 removed.append(path)
         if removed:
@@ -221,6 +231,15 @@ class OfflineStore:
             keep = np.concatenate([[True], np.diff(seq) != 0])
             table = table.filter(pa.array(keep))
         return table
+
+    def rows_in(self, first: int, last: int) -> int:
+        """Rows of the data files named by ranges within ``first .. last``, from their footers."""
+        named = [(path, range_of(path.name)) for path in self.files()]
+        return sum(
+            pq.read_metadata(path).num_rows
+            for path, found in named
+            if found and first <= found[0] and found[1] <= last
+        )
 
     def partitions(self) -> list[str]:
         """The days present, as ``YYYY-MM-DD``."""

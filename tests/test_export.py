@@ -33,6 +33,7 @@ from feature_store.online import OnlineStore
 from tests.crash_writer import batch
 from tests.factories import applied
 from velox.cli import main
+from velox.errors import DataError
 
 ROOT = Path(__file__).resolve().parent.parent
 DAY = 86_400.0
@@ -173,6 +174,26 @@ def test_a_second_run_stores_nothing_twice_and_a_later_one_leaves_no_gap(logged)
         "seq-00000000000000001201-00000000000000002500.json",
         "seq-00000000000000002501-00000000000000002800.json",
     ]
+
+
+def test_a_lost_file_keeps_the_watermark_and_a_rerun_restores_it(logged, monkeypatch):
+    data, expected, _ = logged
+    offline = DataLayout(data).offline
+    write_days = OfflineStore.write_days
+
+    def losing(store: OfflineStore, rows) -> dict[str, int]:  # a disk that drops a file
+        written = write_days(store, rows)
+        store.files()[-1].unlink()
+        return written
+
+    monkeypatch.setattr(OfflineStore, "write_days", losing)
+    with pytest.raises(DataError, match=r"hold \d+ rows where the pipeline wrote 2496; the wa"):
+        export(data, range_size=1_000)
+    assert OfflineStore(offline).watermark == 0 and not ExportFolder(offline).reports()
+    monkeypatch.setattr(OfflineStore, "write_days", write_days)
+    report, _ = export(data, range_size=1_000)
+    assert report.written == 2_496 and OfflineStore(offline).rows_in(1, 2_500) == 2_496
+    assert checksum(as_expected(file_rows(offline))) == checksum(expected)
 
 
 def _freeze(data: Path, name: str, nth: int) -> str:
