@@ -113,7 +113,10 @@ class UserState:
 
 
 def _rounds(keys: Sequence[str]) -> list[np.ndarray]:
-    """Positions grouped so that each key appears at most once per group, in arrival order."""
+    """Positions grouped so that each key appears at most once per group, in arrival order.
+
+    The GPU path's unit of work: one kernel call updates many states at once.
+    """
     if len(set(keys)) == len(keys):
         return [np.arange(len(keys))]
     seen: dict[str, int] = {}
@@ -161,7 +164,7 @@ class _Catalogue:
 
 
 class _Effects:
-    """Per-observation outputs of ``observe_many``, filled round by round."""
+    """Per-observation outputs of ``observe_many`` on the GPU, filled round by round."""
 
     def __init__(self, n: int, dim: int, free: int) -> None:
         self.predictions, self.targets, self.residuals = np.empty(n), np.empty(n), np.empty(n)
@@ -235,7 +238,7 @@ class OnlineModel:
             refactor_interval=config.refactor_interval,
             **common,
         )
-        self._free = np.asarray(features.foldin_coords)
+        self._free = np.asarray(features.foldin_coords, dtype=np.int64)
         self._fixed = np.setdiff1d(np.arange(features.dim), self._free)
         self.items = RidgeTable(
             len(self._free), regularization=config.foldin_regularization, **common
@@ -326,6 +329,8 @@ class OnlineModel:
     ) -> Applied:
         """Predict, then learn, a batch of observations in order; exact per user.
 
+        On the CPU each observation sees the state the previous one left (one
+        compiled call for the batch); on the GPU, in rounds (module docstring).
         Everything is validated before anything changes: mismatched lengths,
         an empty batch, bad ids or non-finite ratings raise :class:`InputError`
         and leave the model as it was.
