@@ -14,9 +14,11 @@ What a run does, in order:
    per-element cost is paid once per range. A range writes one Parquet file
    per day (``date=YYYY-MM-DD/seq-FIRST-LAST.parquet``, :data:`OFFLINE_SCHEMA`),
    its dead letters (``_export/dead_letters/seq-A-B.jsonl``: one JSON object
-   per rejected record, with its ``seq``, ``reason`` and the raw ``record``
-   in base64) and last its manifest (``_export/ranges/seq-A-B.json``: its
-   counts). Every file is written under a temporary name, fsynced and renamed.
+   per rejected record, with its ``seq``, ``reason``, the raw ``record`` in
+   base64 and, when it decodes, its ``user``, which forgetting the user
+   looks for: :meth:`OfflineStore.forget_dead_letters`) and last its
+   manifest (``_export/ranges/seq-A-B.json``: its counts). Every file is
+   written under a temporary name, fsynced and renamed.
 4. Once every range has its manifest, write the run's report
    (``_export/runs/seq-A-B.json``: read, written, rejected, rows per
    partition, dead-letter files, duration), print it, then move the watermark.
@@ -85,7 +87,7 @@ from feature_store.files import atomic_write
 from feature_store.keyspace import iterate_records
 from feature_store.layout import DataLayout
 from feature_store.log_reader import LogReader
-from feature_store.offline import OfflineStore, log_rows, range_name
+from feature_store.offline import DEAD_LETTERS, OfflineStore, log_rows, range_name
 from velox.config import VeloxConfig
 from velox.errors import ConfigError, DataError
 
@@ -145,7 +147,7 @@ class ExportFolder:
         return self.base / "ranges" / range_name(first, last, ".json")
 
     def dead_letters(self, first: int, last: int) -> Path:
-        return self.base / "dead_letters" / range_name(first, last, ".jsonl")
+        return self.offline / DEAD_LETTERS / range_name(first, last, ".jsonl")
 
     def report(self, first: int, last: int) -> Path:
         return self.base / "runs" / range_name(first, last, ".json")
@@ -196,16 +198,18 @@ def export_range(reader: RangeLog, store: OfflineStore, first: int, last: int) -
     """Validate and write records ``first .. last``: Parquet per day, dead letters, manifest."""
     good, dead = [], []
     for seq, record in reader.records(first, last):
+        letter = {"seq": seq, "record": base64.b64encode(record).decode()}
         try:
             observation = decode_observation(record)
         except (DataError, UnicodeDecodeError) as exc:
-            reason = f"the record cannot be decoded ({exc})"
+            letter["reason"] = f"the record cannot be decoded ({exc})"
         else:
-            reason = rejection(observation)
-        if reason is None:
+            letter["reason"] = rejection(observation)
+            letter["user"] = observation.user  # so that forgetting the user finds the line
+        if letter["reason"] is None:
             good.append((seq, observation))
         else:
-            dead.append({"seq": seq, "reason": reason, "record": base64.b64encode(record).decode()})
+            dead.append(letter)
     partitions = store.write_days(log_rows(good)) if good else {}
     folder = ExportFolder(store.root)
     if dead:

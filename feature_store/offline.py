@@ -5,8 +5,8 @@ Layout under the store's root::
     date=2024-01-31/seq-00000000000000000001-00000000000000000512.parquet
     _watermark            highest log sequence number the store holds
     _writer.lock          held by the one writer that may move the watermark
-    _export/              what ``velox export`` keeps beside the data
-                          (dead letters, run reports; :mod:`batch_jobs.export`)
+    _export/              what ``velox export`` keeps beside the data: the records
+                          it rejected (DEAD_LETTERS), run reports (:mod:`batch_jobs.export`)
 
 Every row carries the log sequence number it had online (``seq``), which is
 what makes appends idempotent: rows at or below the watermark are skipped,
@@ -23,6 +23,7 @@ leaves nothing a reader up to the watermark can see when it dies, and
 from __future__ import annotations
 
 import fcntl
+import json
 import logging
 import re
 from collections.abc import Iterable, Iterator
@@ -45,6 +46,8 @@ log = logging.getLogger(__name__)
 OFFLINE_SCHEMA = OBSERVATION_SCHEMA.append(pa.field("seq", pa.int64(), nullable=False))
 _WATERMARK = "_watermark"
 _WRITER_LOCK = "_writer.lock"
+DEAD_LETTERS = "_export/dead_letters"
+"""Where writers keep the records they rejected: JSON lines, one file per sequence range."""
 _RANGE = re.compile(r"seq-(\d{20})-(\d{20})")
 
 
@@ -231,6 +234,27 @@ class OfflineStore:
             keep = np.concatenate([[True], np.diff(seq) != 0])
             table = table.filter(pa.array(keep))
         return table
+
+    def forget_dead_letters(self, user: str) -> int:
+        """Rewrite the dead letters without the lines whose ``user`` is ``user``; lines removed.
+
+        A rejected record keeps the user's data (its raw bytes), so a user's
+        erasure removes it too. A record too damaged to name its user has no
+        ``user`` field and stays.
+        """
+        removed = 0
+        for path in sorted((self.root / DEAD_LETTERS).glob("seq-*.jsonl")):
+            lines = path.read_text().splitlines(keepends=True)
+            kept = [line for line in lines if json.loads(line).get("user") != user]
+            if len(kept) == len(lines):
+                continue
+            removed += len(lines) - len(kept)
+            text = "".join(kept)
+            if text:
+                atomic_write(path, lambda p, t=text: p.write_text(t))
+            else:
+                path.unlink()
+        return removed
 
     def rows_in(self, first: int, last: int) -> int:
         """Rows of the data files named by ranges within ``first .. last``, from their footers."""

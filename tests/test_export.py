@@ -28,7 +28,7 @@ from batch_jobs.export import ExportFolder, ExportJob, ExportReport
 from feature_store.codec import encode_log
 from feature_store.keyspace import seq_key
 from feature_store.layout import DataLayout
-from feature_store.offline import OfflineStore
+from feature_store.offline import DEAD_LETTERS, OfflineStore
 from feature_store.online import OnlineStore
 from tests.crash_writer import batch
 from tests.factories import applied
@@ -153,6 +153,19 @@ def test_counts_reconcile_and_the_files_hold_exactly_the_log(logged):
     assert ExportReport.latest(offline) == report
     assert f"read 2500, written {len(expected)}, rejected 4" in lines[-1]
     assert any("3 of 3 ranges" in line and "records/s" in line for line in lines)
+
+
+def test_forgetting_a_user_removes_their_dead_letters(logged):
+    data, _, bad = logged
+    export(data, range_size=1_000)
+    offline = DataLayout(data).offline
+
+    assert OfflineStore(offline).forget_dead_letters("u") == 2  # the NaN and the empty item
+    assert OfflineStore(offline).forget_dead_letters("u") == 0
+    files = sorted((offline / DEAD_LETTERS).iterdir())
+    left = [json.loads(line) for path in files for line in path.read_text().splitlines()]
+    assert sorted(letter["seq"] for letter in left) == sorted(bad)[:2]  # the undecodable ones
+    assert all("user" not in letter for letter in left)
 
 
 def test_a_second_run_stores_nothing_twice_and_a_later_one_leaves_no_gap(logged):
