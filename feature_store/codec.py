@@ -25,7 +25,6 @@ from __future__ import annotations
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import cache
 
 import numpy as np
 import pyarrow as pa
@@ -33,6 +32,7 @@ import pyarrow as pa
 from velox.biases import BiasState
 from velox.errors import DataError
 from velox.model import Applied
+from velox.symmetric import pack_upper, packed_size, unpack_upper
 
 FORMAT_VERSION = 1
 _HEADER = struct.Struct("<BBHQQd")
@@ -57,11 +57,6 @@ class StateBatch:
         )
 
 
-@cache
-def _upper(d: int) -> tuple[np.ndarray, np.ndarray]:
-    return np.triu_indices(d)
-
-
 def state_size(d: int, dtype: str = "float64") -> int:
     """Bytes of one encoded state of dimension ``d``."""
     return _HEADER.size + (d * (d + 1) // 2 + d) * np.dtype(dtype).itemsize
@@ -73,8 +68,7 @@ def encode_states(states: StateBatch, dtype: str = "float64") -> list[bytes]:
     if disk not in _CODES:
         raise DataError(f"state dtype {dtype!r} is not one of 'float64', 'float32'")
     n, d, _ = states.A.shape
-    rows, cols = _upper(d)
-    values = np.concatenate([states.A[:, rows, cols], states.b], axis=1).astype(
+    values = np.concatenate([pack_upper(states.A), states.b], axis=1).astype(
         disk.newbyteorder("<"), copy=False
     )
     return [
@@ -100,19 +94,17 @@ def decode_states(records: list[bytes]) -> StateBatch:
     if len(dims) != 1:
         raise DataError(f"state records of different dimensions {sorted(dims)} cannot be mixed")
     d = dims.pop()
-    rows, cols = _upper(d)
-    packed = d * (d + 1) // 2
-    A = np.empty((len(records), d, d))
+    packed = packed_size(d)
+    upper = np.empty((len(records), packed))
     b = np.empty((len(records), d))
     for j, (record, header) in enumerate(zip(records, headers, strict=True)):
         values = np.frombuffer(record, dtype=_DTYPES[header[1]], offset=_HEADER.size)
         if values.size != packed + d:
             raise DataError(f"state record {j} is truncated ({len(record)} bytes for d = {d})")
-        A[j, rows, cols] = values[:packed]
+        upper[j] = values[:packed]
         b[j] = values[packed:]
-    A[:, cols, rows] = A[:, rows, cols]
     return StateBatch(
-        A=A,
+        A=unpack_upper(upper, d),
         b=b,
         count=np.array([h[3] for h in headers], dtype=np.int64),
         seq=np.array([h[4] for h in headers], dtype=np.int64),

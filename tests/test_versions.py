@@ -144,10 +144,15 @@ def test_a_version_trained_after_a_deletion_keeps_the_users_later_state(setup):
     durable, _ = open_active(config, CPU)
     durable.observe(*_stream(table, n=10))  # log records 1-10
     trained = str(registry.load(2).user_ids[0])
-    durable.delete_user(trained)  # at log position 11
-    durable.observe(*_stream(table, n=40, seed=4))  # up to 50: v2 (watermark 40) came later
+    durable.delete_user(trained)  # at log position 11: gone from every version so far
+    assert trained not in registry.load(2).user_ids.tolist()
+    durable.observe(*_stream(table, n=40, seed=4))  # up to 50
     durable.close()
-    registry.activate(2)
+    # A version trained later, up to record 40, saw what the user did after the deletion.
+    result = train_als(Ratings.from_table(table), ALSParams(rank=3, iterations=3, seed=2))
+    with registry.building(engine="velox", watermark=40) as later:
+        registry.write_artifacts(later.number, result)
+    registry.activate(later.number)
     switched, _ = open_active(config, CPU)
     assert switched.user_state(trained).known  # trained on what they did after the deletion
     switched.close()
