@@ -91,14 +91,9 @@ class Effects(NamedTuple):
 
     @classmethod
     def empty(cls, n: int, dim: int, free: int) -> Effects:
-        return cls(
-            np.zeros(n),
-            np.zeros(n),
-            np.zeros(n),
-            np.zeros((n, dim)),
-            np.zeros((n, free)),
-            np.zeros(n),
-        )
+        """Zeroed outputs for ``n`` observations of ``dim`` features, ``free`` of them folded in."""
+        per_observation = np.zeros((3, n))
+        return cls(*per_observation, np.zeros((n, dim)), np.zeros((n, free)), np.zeros(n))
 
 
 def apply_stream(
