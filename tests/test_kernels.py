@@ -4,11 +4,20 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from tests.kernel_checks import KernelChecks, batch_solution, relative_error
+from tests.kernel_checks import (
+    EXAMPLES,
+    SUPPRESSED,
+    KernelChecks,
+    batch_solution,
+    relative_error,
+    streams,
+)
 from velox import kernels
 from velox.backend import CPU
-from velox.kernels import array_api, cpu
+from velox.kernels import array_api, cpu, stream
 from velox.state import RidgeTable
 
 
@@ -90,3 +99,30 @@ def test_the_compiled_ridge_solve_refuses_a_matrix_that_is_not_positive_definite
     with pytest.raises(kernels.NotPositiveDefiniteError, match="increase the regularization"):
         kernels.ridge_solve(A, np.ones((2, 3)))
     np.testing.assert_allclose(kernels.ridge_solve(2 * np.eye(3)[None], np.ones((1, 3))), 0.5)
+
+
+@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=SUPPRESSED)
+@given(streams(forgetting=True), st.integers(1, 7))
+def test_the_in_order_loop_equals_the_weighted_batch_ridge_of_one_state(case, interval):
+    """Every observation of a burst into one state, refits every ``interval`` updates included.
+
+    On replay (recorded targets) the loop's user update is the recursion alone.
+    """
+    d, lam, gamma, f, t, w0 = case
+    n = t.size
+    P, w, A, b = TestPublicUpdateOnNumPy().prior_states(1, d, lam, w0)
+    users = stream.Ridge(P, w, A, b, np.zeros(1, np.int64), np.zeros(1), gamma, interval)
+    empty = np.zeros((1, 0, 0)), np.zeros((1, 0)), np.zeros((1, 0, 0)), np.zeros((1, 0))
+    folds = stream.Ridge(*empty, np.zeros(1, np.int64), np.zeros(1), 1.0, 1000)
+    biases = stream.Biases(np.array([0.0, 1.0]), *np.zeros((3, 1)), 1.0)
+    rows = stream.Rows(np.zeros(n, np.int64), np.arange(n), np.full(n, -1), np.zeros(n, np.int64))
+    coordinates = np.zeros(0, np.int64), np.arange(d)
+    recorded = stream.Effects(np.zeros(n), t, np.zeros(n), np.zeros((n, d)), np.zeros((n, 0)),
+                              np.zeros(n))  # fmt: skip
+    features = (np.ascontiguousarray(f), np.zeros(d), *coordinates)
+    stream.apply_stream(users, folds, biases, rows, features, t, np.arange(n, dtype=float),
+                        recorded, replay=True)  # fmt: skip
+    want, A_want = batch_solution(lam, gamma, f, t, w0)
+    assert relative_error(w[0], want) < 1e-8
+    np.testing.assert_allclose(A[0], A_want, rtol=1e-12, atol=1e-12)
+    assert users.count[0] == n
