@@ -91,6 +91,7 @@ class Forgotten:
 
     log_records: int
     offline_rows: int
+    """Rows of the offline store's data files and lines of its dead letters."""
     registry_rows: int
 
 
@@ -434,7 +435,7 @@ class DurableModel:
         if layout is not None and layout.offline.is_dir():
             store = OfflineStore(layout.offline)
             with store.writer(wait=True):  # after a running export has written the user's rows
-                offline = store.delete_user(key)
+                offline = store.delete_user(key) + store.forget_dead_letters(key)
         if layout is not None and layout.registry.is_dir():
             registry = ModelRegistry(layout.registry).forget_users({key})
         return Forgotten(len(records), offline, registry)

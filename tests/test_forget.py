@@ -17,7 +17,7 @@ import pytest
 
 from feature_store.durable import DurableModel
 from feature_store.layout import DataLayout
-from feature_store.offline import OfflineStore, log_rows
+from feature_store.offline import DEAD_LETTERS, OfflineStore, log_rows
 from feature_store.online import OnlineStore
 from feature_store.registry import ModelRegistry
 from tests.test_cli import velox
@@ -49,7 +49,39 @@ def data(tmp_path) -> DataLayout:
                 _observe(durable, rng, day)
     with OnlineStore(layout.online, read_only=True) as store:
         OfflineStore(layout.offline).append(log_rows(store.log_after(0)))
+    _reject_one_of_the_users_records(layout)
     return layout
+
+
+def _reject_one_of_the_users_records(layout: DataLayout) -> None:
+    """A dead letter of the user as ``velox export`` writes it: its raw record in base64.
+
+    The byte search cannot see base64, so the tests decode the dead letters too.
+    """
+    import base64
+    import json
+
+    folder = layout.offline / DEAD_LETTERS
+    folder.mkdir(parents=True)
+    raw = base64.b64encode(b"\x09" + USER.encode() + b"\x00i3 truncated").decode()
+    letters = [
+        {"seq": 7, "reason": "record is truncated", "record": raw, "user": USER},
+        {"seq": 9, "reason": "rating is not a number", "record": "AAAA", "user": "ann"},
+    ]
+    (folder / "seq-1-100.jsonl").write_text("".join(json.dumps(x) + "\n" for x in letters))
+
+
+def _dead_letter_users(layout: DataLayout) -> list[str]:
+    import base64
+    import json
+
+    lines = [
+        json.loads(line)
+        for path in (layout.offline / DEAD_LETTERS).glob("*.jsonl")
+        for line in path.read_text().splitlines()
+    ]
+    assert all(USER.encode() not in base64.b64decode(x["record"]) for x in lines)
+    return [x["user"] for x in lines]
 
 
 def _observe(durable: DurableModel, rng: np.random.Generator, day: int) -> None:
@@ -81,6 +113,7 @@ def test_no_byte_of_a_forgotten_user_is_left_in_the_data_folder(data, forget):
         last = store.last_seq
     forget(data)
     assert _holders(data.root) == []
+    assert _dead_letter_users(data) == ["ann"]
     with OnlineStore(data.online, read_only=True) as store:
         assert [(seq, o) for seq, o in store.log_after(0) if seq <= last] == others  # untouched
     with _durable(data) as durable:
