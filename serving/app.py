@@ -41,7 +41,8 @@ from serving.http import (
     error_response,
     json_response,
 )
-from serving.metrics import Metrics
+from serving.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from serving.metrics import Metrics, ModelFigures
 from serving.observe import Observations
 from serving.openapi import openapi_document
 from serving.schemas import (
@@ -252,16 +253,8 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 async def metrics(request: web.Request) -> web.Response:
-    state = request.app[STATE]
-    exported, durable = state.metrics, state.durable
-    exported.queue_depth.set(state.observations.batcher.waiting if state.observations else 0)
-    exported.cache.values.clear()
-    exported.cache.inc(durable.cache_hits, result="hit")
-    exported.cache.inc(durable.cache_misses, result="miss")
-    for kind, count in durable.failures.items():
-        exported.store_failures.set(count, kind=kind)
-    exported.store_problem.set(int(durable.problem is not None))
-    return web.Response(text=exported.render(), content_type="text/plain", charset="utf-8")
+    body = request.app[METRICS].render()
+    return web.Response(body=body, headers={"Content-Type": METRICS_CONTENT_TYPE})
 
 
 async def openapi(request: web.Request) -> web.Response:
@@ -299,12 +292,24 @@ async def _model_ctx(app: web.Application):
         config, durable, registry, metrics, Deadline(config.serve.deadline_ms, metrics)
     )
     state.versions = VersionSwitch(state, version.name)
+    metrics.read_model(lambda: _figures(state))
     app[READS] = ReadBatcher(
         lambda users, lists, oldest: _predict_batch(state, users, lists, oldest)
     )
     log.info("serving model %s", version.name)
     yield
     await asyncio.get_running_loop().run_in_executor(None, state.durable.close)
+
+
+def _figures(state: Serving) -> ModelFigures:
+    durable = state.durable
+    return ModelFigures(
+        durable.cache_hits,
+        durable.cache_misses,
+        durable.failures,
+        durable.problem is not None,
+        state.observations.batcher.waiting if state.observations else 0,
+    )
 
 
 async def _observe_ctx(app: web.Application):

@@ -1,6 +1,8 @@
-"""``velox serve``: run the HTTP API on the active model version.
+"""``velox serve``: run the HTTP API on the registry's active model version, and follow it.
 
 Registered as a ``velox.commands`` entry point (see :mod:`velox.cli`).
+``--host`` and ``--port`` override ``serve.host`` and ``serve.port``; port 0
+takes any free port, and the line ``Running on http://HOST:PORT`` says which.
 ``--bootstrap`` trains a first version from the synthetic generator when the
 registry has no active one (on the driver, without Spark), so a new install
 answers requests at once.

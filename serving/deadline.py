@@ -73,7 +73,7 @@ class Deadline:
 
     def degraded(self, route: str, fallback: Callable[[], ScoreColumns]) -> ScoreColumns:
         """The prior's answer to a read of ``route``, counted."""
-        self._metrics.degraded.inc(route=route)
+        self._metrics.degraded.labels(route).inc()
         return fallback()
 
 

@@ -1,179 +1,191 @@
-"""Prometheus metrics in the text exposition format, kept in one registry per app.
+"""The serving tier's Prometheus metrics, on ``prometheus_client``, one registry per application.
 
-Small on purpose: counters, gauges and histograms with labels, rendered on
-``GET /metrics``. Values are updated from the event loop and the batch
-thread; each update is a single dict operation under the GIL, and a scrape
-reads a copy.
+Each application keeps its own :class:`~prometheus_client.CollectorRegistry`
+(several apps in one process, as in the tests, never share counts), with the
+process metrics (CPU, resident memory, open files), the platform and the
+garbage collector's beside the service's own. ``GET /metrics`` renders it in
+the text exposition format.
+
+What the durable model already counts (user-cache hits, store failures, the
+queue) is read from it at scrape time by :class:`_ModelCollector` rather
+than copied on every request; so is ``velox_requests_total``, from the
+latency histogram's counts. The request path updates one cached histogram
+child per route and status: no label lookup, one update per request.
 """
 
 from __future__ import annotations
 
 import math
-from bisect import bisect_left
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
 
-Labels = tuple[tuple[str, str], ...]
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.gc_collector import GCCollector
+from prometheus_client.platform_collector import PlatformCollector
+from prometheus_client.process_collector import ProcessCollector
+from prometheus_client.registry import Collector
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+CONTENT_TYPE = CONTENT_TYPE_LATEST
 
 
-def _labels(labels: Labels, extra: str = "") -> str:
-    parts = [f'{k}="{_escape(v)}"' for k, v in labels]
-    if extra:
-        parts.append(extra)
-    return "{" + ",".join(parts) + "}" if parts else ""
+@dataclass(frozen=True)
+class ModelFigures:
+    """What the model and the batcher count themselves, read at scrape time."""
 
-
-def _escape(value: str) -> str:
-    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-
-
-def _number(value: float) -> str:
-    if math.isinf(value):
-        return "+Inf" if value > 0 else "-Inf"
-    return repr(float(value)) if not float(value).is_integer() else str(int(value))
-
-
-class Counter:
-    """A monotonically increasing count per label set; or, with ``compute``, read at scrape time."""
-
-    kind = "counter"
-
-    def __init__(
-        self, name: str, help_text: str, compute: Callable[[], dict] | None = None
-    ) -> None:
-        self.name, self.help = name, help_text
-        self.values: dict[Labels, float] = defaultdict(float)
-        self.compute = compute
-
-    def inc(self, amount: float = 1.0, **labels: str) -> None:
-        self.values[tuple(sorted(labels.items()))] += amount
-
-    def samples(self) -> list[str]:
-        if self.compute is not None:
-            self.values = defaultdict(float, self.compute())
-        return [f"{self.name}{_labels(k)} {_number(v)}" for k, v in list(self.values.items())]
-
-
-class Gauge(Counter):
-    """A value that goes up and down."""
-
-    kind = "gauge"
-
-    def set(self, value: float, **labels: str) -> None:
-        self.values[tuple(sorted(labels.items()))] = value
-
-
-class Histogram:
-    """Cumulative buckets, sum and count per label set."""
-
-    kind = "histogram"
-
-    def __init__(self, name: str, help_text: str, buckets: Sequence[float]) -> None:
-        self.name, self.help, self.buckets = name, help_text, tuple(buckets)
-        self.values: dict[Labels, list[float]] = {}
-
-    def observe(self, value: float, **labels: str) -> None:
-        self.add(self.row(**labels), value)
-
-    def row(self, **labels: str) -> list[float]:
-        """The bucket counts, sum and count of a label set (hold it to skip the label lookup)."""
-        key = tuple(sorted(labels.items()))
-        row = self.values.get(key)
-        if row is None:
-            row = self.values[key] = [0.0] * (len(self.buckets) + 3)
-        return row
-
-    def add(self, row: list[float], value: float) -> None:
-        row[bisect_left(self.buckets, value)] += 1
-        row[-2] += value
-        row[-1] += 1
-
-    def samples(self) -> list[str]:
-        out = []
-        for key, row in list(self.values.items()):
-            running = 0.0
-            for bound, count in zip((*self.buckets, math.inf), row, strict=False):
-                running += count
-                le = 'le="' + _number(bound) + '"'
-                out.append(f"{self.name}_bucket{_labels(key, le)} {_number(running)}")
-            out.append(f"{self.name}_sum{_labels(key)} {_number(row[-2])}")
-            out.append(f"{self.name}_count{_labels(key)} {_number(row[-1])}")
-        return out
+    cache_hits: int
+    cache_misses: int
+    failures: dict[str, int]
+    problem: bool
+    waiting: int
 
 
 class Metrics:
-    """Every metric the serving tier exports."""
+    """Every metric the serving tier exports, in a registry of its own."""
 
     def __init__(self) -> None:
-        self.requests = Counter(
-            "velox_requests_total",
-            "HTTP requests by route and status.",
-            compute=lambda: {key: row[-1] for key, row in list(self.latency.values.items())},
+        self.registry = registry = CollectorRegistry()
+        for collector in (ProcessCollector, PlatformCollector, GCCollector):
+            collector(registry=registry)
+        self._latency = Histogram(
+            "velox_request_seconds",
+            "HTTP request latency by route and status.",
+            ("route", "status"),
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
         )
-        self.latency = Histogram(
-            "velox_request_seconds", "HTTP request latency by route and status.", LATENCY_BUCKETS
-        )
-        self._request_rows: dict[tuple[str, int], list[float]] = {}
+        self._request_children: dict[tuple[str, int], Any] = {}
         self.batch_size = Histogram(
-            "velox_batch_observations", "Observations per applied micro-batch.", SIZE_BUCKETS
+            "velox_batch_observations",
+            "Observations per applied micro-batch.",
+            buckets=SIZE_BUCKETS,
+            registry=registry,
         )
-        self.queue_depth = Gauge("velox_queue_observations", "Observations waiting for a batch.")
-        self.cache = Counter("velox_user_cache_total", "User-state lookups by result (hit, miss).")
         self.degraded = Counter(
-            "velox_degraded_total", "Answers given by the prior because of the deadline, by route."
+            "velox_degraded",
+            "Answers given by the prior (deadline, or a switch or deletion holding the model).",
+            ("route",),
+            registry=registry,
         )
-        self.active = Gauge("velox_active_model", "1 for the model version being served.")
+        self.active = Gauge(
+            "velox_active_model",
+            "1 for the model version being served.",
+            ("version",),
+            registry=registry,
+        )
         self.pointer = Gauge(
-            "velox_registry_active_model", "1 for the version the registry's pointer names."
+            "velox_registry_active_model",
+            "1 for the version the registry's pointer names.",
+            ("version",),
+            registry=registry,
         )
         self.lagging = Gauge(
-            "velox_model_lagging", "1 while the served version is not the registry's active one."
+            "velox_model_lagging",
+            "1 while the served version is not the registry's active one.",
+            registry=registry,
         )
-        self.store_failures = Gauge(
-            "velox_store_failures_total",
-            "Failed checkpoint write-backs and evictions since the model opened, by kind.",
-        )
-        self.store_problem = Gauge(
-            "velox_store_problem", "1 while the store fails (GET /readyz says why), else 0."
-        )
-        self.prequential_sse = Counter(
-            "velox_prequential_squared_error_total",
+        self._sse = Counter(
+            "velox_prequential_squared_error",
             "Sum of squared errors of predictions made just before each observation, by version.",
+            ("version",),
+            registry=registry,
         )
-        self.prequential_count = Counter(
-            "velox_prequential_observations_total",
+        self._scored = Counter(
+            "velox_prequential_observations",
             "Observations scored before learning, by version.",
+            ("version",),
+            registry=registry,
         )
-        self.prequential_rmse = Gauge(
-            "velox_prequential_rmse",
-            "Root mean squared prequential error per model version.",
-            compute=self._rmse,
-        )
+        self._model = _ModelCollector(registry, self._latency)
 
     def request(self, route: str, status: int, seconds: float) -> None:
         """Count one answered request and its latency (one dict lookup on the hot path)."""
-        row = self._request_rows.get((route, status))
-        if row is None:
-            row = self._request_rows[route, status] = self.latency.row(
-                route=route, status=str(status)
-            )
-        self.latency.add(row, seconds)
+        child = self._request_children.get((route, status))
+        if child is None:
+            child = self._request_children[route, status] = self._latency.labels(route, str(status))
+        child.observe(seconds)
 
-    def _rmse(self) -> dict[Labels, float]:
-        return {
-            key: math.sqrt(sse / self.prequential_count.values[key])
-            for key, sse in list(self.prequential_sse.values.items())
-            if self.prequential_count.values.get(key)
-        }
+    def prequential(self, version: str, squared_error: float, observations: int) -> None:
+        """Add a batch's prequential error (predictions made before learning from it)."""
+        self._sse.labels(version).inc(squared_error)
+        self._scored.labels(version).inc(observations)
+        self._model.add_error(version, squared_error, observations)
 
-    def render(self) -> str:
-        lines = []
-        for metric in vars(self).values():
-            if isinstance(metric, Counter | Histogram):
-                lines.append(f"# HELP {metric.name} {metric.help}")
-                lines.append(f"# TYPE {metric.name} {metric.kind}")
-                lines.extend(metric.samples())
-        return "\n".join(lines) + "\n"
+    def read_model(self, figures: Callable[[], ModelFigures]) -> None:
+        """Where scrapes read the model's own counts from (the app's current model)."""
+        self._model.figures = figures
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class _ModelCollector(Collector):
+    """Metrics computed at scrape time: the model's own counts and the prequential RMSE."""
+
+    def __init__(self, registry: CollectorRegistry, latency: Histogram) -> None:
+        self.figures: Callable[[], ModelFigures] | None = None
+        self._latency = latency
+        self._errors: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
+        registry.register(self)
+
+    def add_error(self, version: str, squared_error: float, observations: int) -> None:
+        sums = self._errors[version]
+        sums[0] += squared_error
+        sums[1] += observations
+
+    def collect(self) -> Iterator[Metric]:
+        # The latency histogram counts the requests already: one update per request, not two.
+        requests = CounterMetricFamily(
+            "velox_requests", "HTTP requests by route and status.", labels=("route", "status")
+        )
+        for family in self._latency.collect():
+            for sample in family.samples:
+                if sample.name.endswith("_count"):
+                    labels = sample.labels
+                    requests.add_metric((labels["route"], labels["status"]), sample.value)
+        yield requests
+        rmse = GaugeMetricFamily(
+            "velox_prequential_rmse",
+            "Root mean squared prequential error per model version.",
+            labels=("version",),
+        )
+        for version, (sse, n) in list(self._errors.items()):
+            if n:
+                rmse.add_metric((version,), math.sqrt(sse / n))
+        yield rmse
+        if self.figures is None:
+            return
+        figures = self.figures()
+        cache = CounterMetricFamily(
+            "velox_user_cache", "User-state lookups by result (hit, miss).", labels=("result",)
+        )
+        cache.add_metric(("hit",), figures.cache_hits)
+        cache.add_metric(("miss",), figures.cache_misses)
+        yield cache
+        failures = CounterMetricFamily(
+            "velox_store_failures",
+            "Failed checkpoint write-backs and evictions of the model being served, by kind.",
+            labels=("kind",),
+        )
+        for kind, count in sorted(figures.failures.items()):
+            failures.add_metric((kind,), count)
+        yield failures
+        yield GaugeMetricFamily(
+            "velox_store_problem",
+            "1 while the store fails (GET /readyz says why), else 0.",
+            value=int(figures.problem),
+        )
+        yield GaugeMetricFamily(
+            "velox_queue_observations", "Observations waiting for a batch.", value=figures.waiting
+        )

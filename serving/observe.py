@@ -112,10 +112,8 @@ class Observations:
             applied, seqs = self._state.durable.observe(
                 users, items, ratings, ts, sync=False, receipts=receipts
             )
-        metrics = self._state.metrics
         errors = applied.predictions - applied.ratings
-        metrics.prequential_sse.inc(float(np.sum(errors**2)), version=applied.version)
-        metrics.prequential_count.inc(len(errors), version=applied.version)
+        self._state.metrics.prequential(applied.version, float(np.sum(errors**2)), len(errors))
         return seqs.tolist(), applied.predictions.tolist(), applied.cold.tolist()
 
     def _from_log(self, receipt: Receipt) -> Observed:

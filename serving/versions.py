@@ -107,9 +107,9 @@ class VersionSwitch:
     def _report(self) -> None:
         """The served version, the pointer's, and whether they differ, in the metrics."""
         metrics = self._state.metrics
-        metrics.active.values.clear()
-        metrics.active.set(1, version=self.serving)
-        metrics.pointer.values.clear()
+        metrics.active.clear()
+        metrics.active.labels(self.serving).set(1)
+        metrics.pointer.clear()
         if self.pointer is not None:
-            metrics.pointer.set(1, version=self.pointer)
+            metrics.pointer.labels(self.pointer).set(1)
         metrics.lagging.set(int(self.lagging))

@@ -9,6 +9,7 @@ import threading
 import aiohttp
 import numpy as np
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from feature_store.layout import DataLayout
 from feature_store.online import OnlineStore
@@ -170,18 +171,36 @@ async def test_bad_input_is_a_4xx_with_a_json_error_and_changes_nothing(
     assert server.app[STATE].durable.store.last_seq == 0  # nothing reached the log
 
 
+async def _metrics(client) -> dict[tuple, float]:
+    """Every sample of ``/metrics`` by :func:`_sample` key, parsed by prometheus_client."""
+    text = await (await client.get("/metrics")).text()
+    return {
+        _sample(sample.name, **sample.labels): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def _sample(name: str, **labels: str) -> tuple:
+    return name, tuple(sorted(labels.items()))
+
+
 async def test_metrics_openapi_and_health(server):
     await _post(server, "/observe", {"user": "u1", "item": "i1", "rating": 4.0})
-    text = await (await server.get("/metrics")).text()
-    for name in (
-        "velox_requests_total{",
-        "velox_request_seconds_bucket{",
-        "velox_batch_observations_count",
-        'velox_active_model{version="v1"} 1',
-        "velox_prequential_rmse{",
-        "velox_user_cache_total{",
-    ):
-        assert name in text, name
+    await _post(server, "/predict", {"user": "u1", "items": ["i1"]})
+    samples = await _metrics(server)
+    assert samples[_sample("velox_requests_total", route="/observe", status="200")] == 1
+    assert samples[_sample("velox_request_seconds_count", route="/predict", status="200")] == 1
+    assert samples[_sample("velox_batch_observations_count")] == 1
+    assert samples[_sample("velox_active_model", version="v1")] == 1
+    assert samples[_sample("velox_prequential_observations_total", version="v1")] == 1
+    rmse = samples[_sample("velox_prequential_rmse", version="v1")]
+    sse = samples[_sample("velox_prequential_squared_error_total", version="v1")]
+    assert rmse == pytest.approx(sse**0.5, rel=1e-12) and rmse > 0
+    assert samples[_sample("velox_user_cache_total", result="hit")] > 0
+    assert samples[_sample("velox_store_failures_total", kind="write_back")] == 0
+    assert samples[_sample("velox_store_problem")] == 0
+    assert samples[_sample("process_resident_memory_bytes")] > 0  # prometheus_client's own
     document = await (await server.get("/openapi.json")).json()
     assert {"/predict", "/topk", "/observe", "/users/{user}", "/models"} <= set(document["paths"])
     assert (await server.get("/healthz")).status == 200
@@ -202,14 +221,14 @@ async def test_unknown_paths_and_methods_get_json_404_and_405(server):
         "DELETE",
     }
     assert (await server.head("/healthz")).status == 200
-    text = await (await server.get("/metrics")).text()
-    for line in (
-        'velox_requests_total{route="unmatched",status="404"} 1',
-        'velox_requests_total{route="/observe",status="405"} 1',
-        'velox_requests_total{route="/users/{user}",status="405"} 1',
-        'velox_request_seconds_count{route="/healthz",status="200"} 1',
+    samples = await _metrics(server)
+    for name, route, status in (
+        ("velox_requests_total", "unmatched", "404"),
+        ("velox_requests_total", "/observe", "405"),
+        ("velox_requests_total", "/users/{user}", "405"),
+        ("velox_request_seconds_count", "/healthz", "200"),
     ):
-        assert line in text, line
+        assert samples[_sample(name, route=route, status=status)] == 1, (name, route)
 
 
 async def test_concurrent_observes_of_one_user_equal_applying_them_one_by_one(server):
@@ -326,8 +345,9 @@ async def test_a_request_that_would_miss_its_deadline_gets_the_prior_flagged(
     assert status == 200 and body["degraded"] is True
     _, top = await _post(client, "/topk", {"user": "u3", "k": 3})
     assert top["degraded"] is True and len(top["items"]) == 3
-    text = await (await client.get("/metrics")).text()
-    assert 'velox_degraded_total{route="/predict"} 1' in text
+    samples = await _metrics(client)
+    assert samples[_sample("velox_degraded_total", route="/predict")] == 1
+    assert samples[_sample("velox_degraded_total", route="/topk")] == 1
 
 
 @pytest.mark.parametrize(
@@ -405,9 +425,9 @@ async def test_reads_while_a_switch_or_deletion_holds_the_model_are_degraded_and
     reference = RidgeReference.of(server.registry, 1, server.config)
     prior = [reference.mean + reference.bias(i) for i in ("i1", "i2")]
     np.testing.assert_allclose([i["score"] for i in scores["items"]], prior, rtol=1e-12)
-    text = await (await server.get("/metrics")).text()
-    assert 'velox_degraded_total{route="/predict"} 1' in text
-    assert 'velox_degraded_total{route="/topk"} 1' in text
+    samples = await _metrics(server)
+    assert samples[_sample("velox_degraded_total", route="/predict")] == 1
+    assert samples[_sample("velox_degraded_total", route="/topk")] == 1
     _, again = await _post(server, "/topk", {"user": "u3", "k": 3})
     assert not again["degraded"]
 
@@ -419,14 +439,11 @@ async def test_the_server_follows_the_registrys_pointer_and_says_when_it_lags(se
     await server.app[STATE].versions.check()  # what the follower does every second
     models = await (await server.get("/models")).json()
     assert (models["active"], models["serving"], models["lagging"]) == ("v2", "v2", False)
-    text = await (await server.get("/metrics")).text()
-    for line in (
-        'velox_active_model{version="v2"} 1',
-        'velox_registry_active_model{version="v2"} 1',
-        "velox_model_lagging 0",
-    ):
-        assert line in text, line
-    assert 'velox_active_model{version="v1"}' not in text
+    samples = await _metrics(server)
+    assert samples[_sample("velox_active_model", version="v2")] == 1
+    assert samples[_sample("velox_registry_active_model", version="v2")] == 1
+    assert samples[_sample("velox_model_lagging")] == 0
+    assert _sample("velox_active_model", version="v1") not in samples
     _, scores = await _post(server, "/predict", {"user": "u2", "items": ["i1"]})
     assert scores["version"] == "v2"
 

@@ -9,7 +9,6 @@ recovery.
 
 from __future__ import annotations
 
-import re
 from collections import Counter
 
 from feature_store.durable import REFUSE_AFTER
@@ -18,7 +17,7 @@ from feature_store.online import OnlineStore
 from feature_store.versions import open_active
 from serving.app import STATE, create_app
 from tests.test_failing_disk import _full_disk
-from tests.test_serving import _config, _publish
+from tests.test_serving import _config, _metrics, _publish, _sample
 from velox.backend import CPU
 
 
@@ -44,9 +43,8 @@ async def test_a_failing_disk_turns_readyz_red_refuses_writes_and_loses_nothing(
             acknowledged.update(zip(answer["seqs"], sent, strict=True))
         return response.status, answer
 
-    async def metric(name: str) -> float:
-        text = await (await client.get("/metrics")).text()
-        return float(re.search(rf"^{re.escape(name)} (\S+)$", text, re.M)[1])
+    async def metric(name: str, **labels: str) -> float:
+        return (await _metrics(client))[_sample(name, **labels)]
 
     assert (await observe(0))[0] == 200 and (await client.get("/readyz")).status == 200
     assert await metric("velox_store_problem") == 0
@@ -63,7 +61,7 @@ async def test_a_failing_disk_turns_readyz_red_refuses_writes_and_loses_nothing(
     assert ready.status == 503 and reason["error"] == "unavailable"
     assert reason["message"] == durable.problem and "No space left on device" in reason["message"]
     assert await metric("velox_store_problem") == 1
-    assert await metric('velox_store_failures_total{kind="write_back"}') >= REFUSE_AFTER
+    assert await metric("velox_store_failures_total", kind="write_back") >= REFUSE_AFTER
     logged = durable.store.last_seq
     assert (await observe(k + 1))[0] == 503 and durable.store.last_seq == logged  # not applied
     assert len(acknowledged) == logged  # every logged observation was acknowledged
