@@ -30,7 +30,8 @@ and ``b_i``.
 
 Everything these steps used that depended on the model's state is returned in
 an :class:`Applied` record, which the log stores and :meth:`OnlineModel.replay`
-applies again after a crash.
+applies again after a crash or when a version is installed: on the CPU through
+the same compiled loop, so a log rebuilds every state bit for bit.
 """
 
 from __future__ import annotations
