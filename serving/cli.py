@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import socket
 
 from aiohttp import web
@@ -21,6 +22,7 @@ from feature_store.registry import ModelRegistry
 from velox.als import ALSParams, Ratings, train_als
 from velox.config import VeloxConfig, load_config
 from velox.datasets import SyntheticSpec, synthesize
+from velox.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +69,14 @@ def _serve(args: argparse.Namespace, config: VeloxConfig) -> None:
     if args.bootstrap:
         bootstrap(config)
     # Bound here, so that port 0 (any free port) prints the port it got.
-    sock = socket.create_server((config.serve.host, config.serve.port))
+    host, port = config.serve.host, config.serve.port
+    try:
+        sock = socket.create_server((host, port))
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot listen on {host}:{port} ({os.strerror(exc.errno) if exc.errno else exc}); "
+            "set another --port (0: any free port) or --host"
+        ) from None
     web.run_app(
         create_app(config),
         sock=sock,

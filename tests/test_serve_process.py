@@ -7,6 +7,7 @@ import asyncio
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -206,3 +207,22 @@ def test_a_running_server_follows_velox_models_activate(tmp_path):
         assert scores["version"] == "v2"
     finally:
         assert server.stop() == 0
+
+
+def test_a_port_in_use_is_one_sentence_and_exit_2(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = subprocess.run(
+            [VELOX, "--set", f"data.dir={tmp_path}", "serve", "--port", str(port)],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    assert done.returncode == 2
+    assert done.stderr == (
+        f"velox: error: cannot listen on 127.0.0.1:{port} (Address already in use); "
+        "set another --port (0: any free port) or --host\n"
+    )
