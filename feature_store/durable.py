@@ -19,9 +19,11 @@
 * Opening replays the log after the checkpoint watermark, exactly as it was
   applied (:meth:`~velox.model.OnlineModel.replay`; a user whose stored state
   is ahead of the watermark skips the records it has), so every state after
-  a crash equals the state before it: a user's statistics bit for bit, the item
-  biases and fold-ins up to the rounding of their sums (live, a batch adds to
-  them user round by user round; replay adds in log order).
+  a crash equals the state before it: on the CPU bit for bit (live and replay
+  run the same in-order loop, :func:`velox.kernels.stream.apply_stream`); on
+  the GPU a user's statistics bit for bit, the item biases and fold-ins up to
+  the rounding of their sums (live, a batch adds to them user round by user
+  round; replay adds in log order).
 * Failures surface: failed write-backs and evictions are counted
   (:attr:`DurableModel.failures`) and described (:attr:`DurableModel.problem`),
   and :meth:`DurableModel.observe` refuses new batches with
