@@ -40,7 +40,7 @@ import time
 from pathlib import Path
 
 from feature_store.layout import DataLayout
-from feature_store.registry import ModelArtifacts, ModelRegistry
+from feature_store.registry import ModelRegistry
 from velox.als import ALSParams, Ratings, train_als
 from velox.datasets import SyntheticSpec, synthesize
 
@@ -79,7 +79,7 @@ def _publish(root: Path) -> None:
     result = train_als(Ratings.from_table(synthesize(spec)), ALSParams(rank=32, iterations=5))
     registry = ModelRegistry(DataLayout(root).registry)
     with registry.building(engine="velox", watermark=0) as version:
-        registry.write_artifacts(version.number, ModelArtifacts.from_als(result))
+        registry.write_artifacts(version.number, result)
     registry.activate(version.number)
 
 
