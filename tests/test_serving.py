@@ -480,3 +480,18 @@ async def test_a_shutdown_answers_the_observations_still_waiting_for_their_batch
     assert sorted(seq for _, body in answers for seq in body["seqs"]) == list(range(1, 21))
     with OnlineStore(DataLayout(tmp_path).online, read_only=True) as store:
         assert store.last_seq == 20 and store.checkpoint_seq == 20
+
+
+async def test_a_pointer_the_server_cannot_follow_is_reported_and_the_old_version_serves(server):
+    server.registry.activate(2)
+    (server.registry.root / "v000002" / "items.parquet").write_bytes(b"not parquet")  # damaged
+    await server.app[STATE].versions.check()
+    models = await (await server.get("/models")).json()
+    assert (models["active"], models["serving"], models["lagging"]) == ("v2", "v1", True)
+    assert models["problem"].startswith("cannot serve the registry's active version: ")
+    assert "items.parquet" in models["problem"]
+    assert (await _metrics(server))[_sample("velox_model_lagging")] == 1
+    _, scores = await _post(server, "/predict", {"user": "u2", "items": ["i1"]})
+    assert scores["version"] == "v1" and not scores["degraded"]
+    _, observed = await _post(server, "/observe", {"user": "u2", "item": "i1", "rating": 3.0})
+    assert observed["accepted"] == 1  # the old version keeps learning meanwhile
