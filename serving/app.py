@@ -16,7 +16,6 @@ go through the micro-batcher, which applies and commits them a batch at a time.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import re
 import time
@@ -327,13 +326,12 @@ def _follow_ctx(every: float | None):
         if every is None:
             yield
             return
+        versions = app[STATE].versions
         follower = asyncio.get_running_loop().create_task(
-            app[STATE].versions.follow(every), name="velox-follow-pointer"
+            versions.follow(every), name="velox-follow-pointer"
         )
         yield
-        follower.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await follower
+        await versions.stop(follower)
 
     return follow
 

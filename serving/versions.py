@@ -18,6 +18,7 @@ means the server serves the version; the follower then finds nothing to do.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 
 from feature_store.registry import ModelVersion
@@ -69,6 +70,17 @@ class VersionSwitch:
         while True:
             await asyncio.sleep(every)
             await self.check()
+
+    async def stop(self, follower: asyncio.Task) -> None:
+        """Stop ``follower`` (the task of :meth:`follow`) between switches, never in one.
+
+        A switch runs in a thread that cannot be interrupted: cancelling its
+        task mid-way would let the store close under it.
+        """
+        async with self._lock:
+            follower.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await follower
 
     async def check(self) -> None:
         """Read the pointer once and switch when it names another version than the served one.
