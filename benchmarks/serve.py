@@ -36,7 +36,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
+import threading
 from pathlib import Path
 
 from feature_store.layout import DataLayout
@@ -48,15 +48,17 @@ ROOT = Path(__file__).resolve().parent.parent
 USERS, ITEMS = 2_000, 1_000
 
 _HELLO = """
-import sys
+import socket
 from aiohttp import web
 async def hello(request):
     await request.read()
     return web.json_response({"hello": "world"})
 app = web.Application()
 app.router.add_post("/{tail:.*}", hello)
-web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), print=None, access_log=None)
+sock = socket.create_server(("127.0.0.1", 0))
+web.run_app(app, sock=sock, print=lambda text: print(text, flush=True), access_log=None)
 """
+_LISTENING = re.compile(r"Running on http://127\.0\.0\.1:([0-9]+)")
 
 _HUNDRED = '{"user": "u1", "items": [' + ", ".join(f'"i{j}"' for j in range(100)) + "]}"
 _LUA = {
@@ -83,19 +85,16 @@ def _publish(root: Path) -> None:
     registry.activate(version.number)
 
 
-def _wait_for(port: int, process: subprocess.Popen) -> None:
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"a server exited: {process.stdout.read()}")
-        try:
-            import socket
-
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return
-        except OSError:
-            time.sleep(0.1)
-    raise RuntimeError("a server did not start")
+def _port(process: subprocess.Popen) -> int:
+    """The port a server started with port 0 says it listens on (aiohttp's start line)."""
+    lines = []
+    for line in process.stdout:
+        lines.append(line)
+        if match := _LISTENING.search(line):
+            # Keep reading, so that a server never blocks on a full pipe.
+            threading.Thread(target=process.stdout.read, daemon=True).start()
+            return int(match[1])
+    raise RuntimeError("a server exited: " + "".join(lines))
 
 
 def _wrk(port: int, scenario: str, seconds: int, connections: int, scratch: Path) -> dict:
@@ -171,9 +170,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="velox-serve-bench-", dir=".") as scratch:
         root = Path(scratch)
         _publish(root / "data")
-        hello_port, velox_port = 18181, 18182
         hello = subprocess.Popen(
-            [sys.executable, "-c", _HELLO, str(hello_port)],
+            [sys.executable, "-c", _HELLO],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
@@ -183,9 +181,9 @@ def main(argv: list[str] | None = None) -> int:
                 str(Path(sys.executable).parent / "velox"),
                 "--set",
                 f"data.dir={root / 'data'}",
-                "--set",
-                f"serve.port={velox_port}",
                 "serve",
+                "--port",
+                "0",
             ],
             cwd=ROOT,
             stdout=subprocess.PIPE,
@@ -193,8 +191,7 @@ def main(argv: list[str] | None = None) -> int:
             text=True,
         )
         try:
-            _wait_for(hello_port, hello)
-            _wait_for(velox_port, velox)
+            hello_port, velox_port = _port(hello), _port(velox)
             rounds = [
                 _round(hello_port, velox_port, args.seconds, args.connections, root)
                 for _ in range(args.rounds)
