@@ -14,11 +14,12 @@ to answer with; nothing is applied before the whole body has passed.
 from __future__ import annotations
 
 import math
-from typing import Annotated, Literal
+from typing import Annotated
 
 import msgspec
 from msgspec import Meta, Struct
 
+from velox.api import Explore
 from velox.config import ServeConfig
 
 Id = Annotated[str, Meta(min_length=1)] | int
@@ -49,7 +50,7 @@ class TopKBody(Struct, forbid_unknown_fields=True):
     user: Id
     k: int
     candidates: list[Id] | None = None
-    explore: Literal["none", "ucb", "thompson"] = "none"
+    explore: Explore = "none"
     alpha: Annotated[float, Meta(ge=0)] = 1.0
     include_rated: bool = False
 

@@ -10,7 +10,11 @@ from velox.model import Applied, OnlineModel
 
 
 def small_model(rank: int = 3, items: int = 20, version: str = "v7", **config) -> OnlineModel:
-    """A model over random features of ``items`` items ``i0``, ``i1``, ... (seeded)."""
+    """A model over random features of ``items`` items ``i0``, ``i1``, ... (seeded).
+
+    Without forgetting unless ``config`` asks for it, so a user's state is the
+    plain ridge solution the tests compare with.
+    """
     rng = np.random.default_rng(0)
     ids = [f"i{j}" for j in range(items)]
     features = MatrixFactorization(ids, rng.normal(size=(items, rank)), version=version)
@@ -19,7 +23,7 @@ def small_model(rank: int = 3, items: int = 20, version: str = "v7", **config) -
         global_mean=3.5,
         item_bias=rng.normal(0, 0.3, items),
         train_count=1000,
-        config=ModelConfig(**config),
+        config=ModelConfig(**{"forgetting": 1.0, **config}),
     )
 
 
@@ -52,7 +56,8 @@ class RidgeReference:
     know), ``score = mu + b_i + w_u . f(i)``; a new user starts at
     ``A = lambda I``, ``b = lambda w0`` with ``w0`` the trained users' mean
     weights. :meth:`observe` applies one observation as section 3 and
-    :mod:`velox.biases` state it (forgetting factor 1).
+    :mod:`velox.biases` state it: ``A <- gamma A + f f^T``,
+    ``b <- gamma b + t f`` with the forgetting factor ``gamma``.
 
     >>> from types import SimpleNamespace
     >>> trained = SimpleNamespace(
@@ -65,6 +70,7 @@ class RidgeReference:
 
     def __init__(self, trained, config: ModelConfig) -> None:
         self.lam, self.bias_lam = config.regularization, config.bias_regularization
+        self.forgetting = config.forgetting
         self.d = trained.item_factors.shape[1] + 1
         self.factors = {
             str(i): np.append(v, 1.0)
@@ -120,6 +126,12 @@ class RidgeReference:
         w = self.weights(user)
         return np.array([self.mean + self.bias(i) + w @ self.features(i) for i in items])
 
+    def learn(
+        self, A: np.ndarray, b: np.ndarray, f: np.ndarray, target: float
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """One observation's rank-one update of a user's ``(A, b)``."""
+        return self.forgetting * A + np.outer(f, f), self.forgetting * b + target * f
+
     def observe(self, user: str, item: str, rating: float) -> float:
         """Apply one observation; the prediction made just before it."""
         A, b, n = self.state(user)
@@ -127,7 +139,7 @@ class RidgeReference:
         before = self.mean + self.bias(item) + w @ f
         target = rating - self.mean - self.bias(item)
         residual = rating - self.mean - w @ f
-        self.A[user], self.b[user], self.count[user] = A + np.outer(f, f), b + target * f, n + 1
+        (self.A[user], self.b[user]), self.count[user] = self.learn(A, b, f, target), n + 1
         self.mean_sum += rating
         self.mean_count += 1
         self.bias_sum[item] = self.bias_sum.get(item, 0.0) + residual

@@ -125,17 +125,16 @@ def test_sigkill_under_concurrent_observes_loses_no_acknowledged_observation(tmp
             sent["item"],
             sent["rating"],
         )
-    # Each user's recovered state is its trained one plus every logged observation, once:
-    # A += f f^T and b += t f with the target t the log recorded.
+    # Each user's recovered state is its trained one plus every logged observation, once,
+    # in log order, with the target t the log recorded.
     config = _config(tmp_path)
     reference = RidgeReference.of(registry, 1, config)
     users = sorted({sent["user"] for _, sent in acked})
     want = {user: list(reference.state(user)) for user in users}
     for applied in decode_log([logged[s] for s in sorted(logged)]):
         for user, item, target in zip(applied.users, applied.items, applied.targets, strict=True):
-            f = reference.features(item)
             A, b, n = want[user]
-            want[user] = [A + np.outer(f, f), b + target * f, n + 1]
+            want[user] = [*reference.learn(A, b, reference.features(item), target), n + 1]
     durable, _ = open_active(config, CPU)
     try:
         A, b, count, _, _ = durable.statistics(users)
