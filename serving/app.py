@@ -65,7 +65,7 @@ from serving.schemas import (
     decode,
 )
 from serving.state import STATE, Serving
-from serving.versions import FOLLOW_SECONDS, VersionSwitch
+from serving.versions import VersionSwitch
 from velox import kernels
 from velox.backend import get_backend
 from velox.config import VeloxConfig
@@ -319,11 +319,11 @@ async def _observe_ctx(app: web.Application):
     await state.observations.close()
 
 
-def _follow_ctx(every: float | None):
-    """Follow the registry's pointer every ``every`` seconds (None: only when asked)."""
+def _follow_ctx(every: float):
+    """Follow the registry's pointer every ``every`` seconds (0: only when asked)."""
 
     async def follow(app: web.Application):
-        if every is None:
+        if not every:
             yield
             return
         versions = app[STATE].versions
@@ -336,14 +336,13 @@ def _follow_ctx(every: float | None):
     return follow
 
 
-def create_app(
-    config: VeloxConfig, *, follow_every: float | None = FOLLOW_SECONDS
-) -> web.Application:
+def create_app(config: VeloxConfig) -> web.Application:
     """The serving application for ``config`` (the model loads when the app starts).
 
-    The server reads the registry's pointer every ``follow_every`` seconds and
-    switches when it moved; with None it switches only through its own route
-    (tests that move the pointer themselves call :meth:`VersionSwitch.check`).
+    The server reads the registry's pointer every ``serve.follow_interval``
+    seconds and switches when it moved; with 0 it switches only through its
+    own route (tests that move the pointer themselves call
+    :meth:`VersionSwitch.check`).
     """
     app = web.Application(client_max_size=config.serve.max_body_bytes)
     app[CONFIG] = config
@@ -351,6 +350,6 @@ def create_app(
     app[METRICS] = Metrics()
     app.cleanup_ctx.append(_model_ctx)
     app.cleanup_ctx.append(_observe_ctx)
-    app.cleanup_ctx.append(_follow_ctx(follow_every))
+    app.cleanup_ctx.append(_follow_ctx(config.serve.follow_interval))
     add_routes(app.router, ROUTES)
     return app

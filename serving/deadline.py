@@ -83,6 +83,4 @@ def as_scores(prediction: Any) -> ScoreColumns:
 
 def prior_scores(durable: DurableModel, items: list[str]) -> ScoreColumns:
     """``mu + b_i``: the answer for any user when there is no time to ask the model."""
-    model = durable.model
-    scores = model.biases.mean + model.biases.bias(model.biases.find(items))
-    return items, scores, model.features.lookup(items) < 0
+    return as_scores(durable.model.prior_scores(items))

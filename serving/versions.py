@@ -4,7 +4,7 @@ The pointer is the single truth (DESIGN.md, section 4). Whoever moves it
 (``velox train --activate``, ``velox models activate | rollback``, or
 ``POST /models/{v}/activate``), the running server ends up serving that
 version: :meth:`VersionSwitch.follow` reads the pointer every
-:data:`FOLLOW_SECONDS` and switches when it names another version. The
+``serve.follow_interval`` seconds and switches when it names another version. The
 switch itself is today's: with the :class:`~serving.state.Gate` closed,
 the old model writes everything back and hands its store over
 (:meth:`~feature_store.durable.DurableModel.handing_over`), and the new
@@ -27,9 +27,6 @@ from serving.state import Serving
 from velox.errors import DataError
 
 log = logging.getLogger(__name__)
-
-FOLLOW_SECONDS = 1.0
-"""How often the server reads the registry's pointer."""
 
 
 class VersionSwitch:
@@ -65,7 +62,7 @@ class VersionSwitch:
             self.pointer = version.name
             self._report()
 
-    async def follow(self, every: float = FOLLOW_SECONDS) -> None:
+    async def follow(self, every: float) -> None:
         """Read the pointer every ``every`` seconds and switch to what it names."""
         while True:
             await asyncio.sleep(every)

@@ -360,9 +360,11 @@ async def test_error_answers_raise_api_errors_and_are_not_retried(real):
     assert (error.status, error.code, error.message) == (
         422,
         "validation_error",
-        "items must not be empty",
+        "Expected `array` of length >= 1 - at `$.items`",
     )
-    assert str(error) == "items must not be empty (HTTP 422 validation_error)"
+    assert str(error) == (
+        "Expected `array` of length >= 1 - at `$.items` (HTTP 422 validation_error)"
+    )
     assert (missing.value.status, missing.value.code) == (404, "not_found")
     assert (plain.value.status, plain.value.code, plain.value.message) == (
         500,

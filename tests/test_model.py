@@ -307,3 +307,15 @@ def test_replay_refuses_records_of_another_version():
     )
     with pytest.raises(InputError, match="version 'v7' cannot be replayed onto version 'v8'"):
         other.replay(record)
+
+
+def test_prior_scores_are_the_mean_and_item_bias_alone():
+    model = small_model(items=4)
+    draws = np.random.default_rng(0)  # small_model's draws, in order: factors, then biases
+    draws.normal(size=(4, 3))
+    trained_bias = draws.normal(0, 0.3, 4)
+    prior = model.prior_scores(["i2", "new", "i0"])
+    np.testing.assert_allclose(prior.scores, [3.5 + trained_bias[2], 3.5, 3.5 + trained_bias[0]])
+    assert prior.cold.tolist() == [False, True, False]
+    model.observe_many(["u"] * 3, ["i2"] * 3, [5.0] * 3)
+    assert model.prior_scores(["i2"]).scores[0] > 3.5 + trained_bias[2]  # the bias learned

@@ -40,6 +40,7 @@ def _config(root, *settings):
             f"data.dir={root}",
             "store.checkpoint_interval=0",
             "serve.deadline_ms=0",
+            "serve.follow_interval=0",  # the tests move the pointer themselves
             *settings,
         ],
     )
@@ -49,7 +50,7 @@ def _config(root, *settings):
 async def server(tmp_path, aiohttp_client):
     registry = _publish(tmp_path, seeds=(0, 1))
     config = _config(tmp_path)
-    client = await aiohttp_client(create_app(config, follow_every=None))  # the tests move it
+    client = await aiohttp_client(create_app(config))  # the tests move it
     client.registry, client.config = registry, config
     return client
 
@@ -453,7 +454,7 @@ async def test_a_shutdown_answers_the_observations_still_waiting_for_their_batch
 ):
     """Observes held at the gate when the server starts to stop are applied, logged, answered."""
     _publish(tmp_path)
-    app = create_app(_config(tmp_path), follow_every=None)
+    app = create_app(_config(tmp_path))
     release = threading.Event()
 
     async def stopping(app):  # the listening socket is closed; the requests still wait

@@ -26,7 +26,7 @@ async def test_a_failing_disk_turns_readyz_red_refuses_writes_and_loses_nothing(
 ):
     _publish(tmp_path)
     config = _config(tmp_path, "store.cache_users=8")
-    client = await aiohttp_client(create_app(config, follow_every=None))
+    client = await aiohttp_client(create_app(config))
     durable = client.app[STATE].durable
     acknowledged: dict[int, tuple] = {}  # sequence number -> (user, item, rating)
 

@@ -106,6 +106,9 @@ def test_both_modes_equal_a_dense_reference_als_from_the_same_start(
         "train.iterations=6",
         "train.blocks=3",
         f"train.forgetting={forgetting}",
+        "train.user_regularization=1.5",  # per-row lambda * sqrt(n), as the reference
+        "train.item_regularization=1.0",
+        "train.regularization_exponent=0.5",
     )
     version = TrainJob(config, source=path, spark=spark, init=init, emit=lambda _: None).run()
     assert (version.state, version.mode, version.engine) == ("ready", mode, "velox")

@@ -57,19 +57,21 @@ Progress = Callable[[int, float, float, float], None]
 class ALSParams:
     """Parameters of biased ALS, validated once; every caller builds them the same way.
 
+    The defaults are ``[train]``'s (:class:`velox.config.TrainConfig`), declared once there.
+
     >>> ALSParams(rank=0)
     Traceback (most recent call last):
     ...
     velox.errors.InputError: rank must be an integer >= 1, got 0
     """
 
-    rank: int = 10
-    user_regularization: float = 1.5
-    item_regularization: float = 1.0
-    regularization_exponent: float = 0.5
-    iterations: int = 15
-    forgetting: float = 1.0
-    seed: int = 0
+    rank: int = TrainConfig.rank
+    user_regularization: float = TrainConfig.user_regularization
+    item_regularization: float = TrainConfig.item_regularization
+    regularization_exponent: float = TrainConfig.regularization_exponent
+    iterations: int = TrainConfig.iterations
+    forgetting: float = TrainConfig.forgetting
+    seed: int = TrainConfig.seed
 
     def __post_init__(self) -> None:
         for name in ("rank", "iterations"):

@@ -184,12 +184,15 @@ class UserInfo:
 
 @dataclass(frozen=True)
 class Deleted:
-    """A user's erasure: the log records and offline rows that were removed."""
+    """A user's erasure: the log records, offline rows and registry rows that were removed."""
 
     user: str
     deleted: bool
     log_records: int
     offline_rows: int
+    """Rows of the offline store's data files and lines of its dead letters."""
+    registry_rows: int
+    """Trained-user rows removed from the registry's versions."""
 
     @classmethod
     def from_json(cls, body: Mapping[str, Any]) -> Deleted:
@@ -198,6 +201,7 @@ class Deleted:
             deleted=bool(body["deleted"]),
             log_records=int(body["log_records"]),
             offline_rows=int(body["offline_rows"]),
+            registry_rows=int(body["registry_rows"]),
         )
 
 

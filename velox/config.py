@@ -51,10 +51,19 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """The per-user online model; its feature dimension is the served version's (``train.rank``)."""
+    """The per-user online model; its feature dimension is the served version's (``train.rank``).
+
+    The defaults of this section and of ``[train]`` are the settings that won
+    ``velox evaluate --tune`` on MovieLens 100K's training part, in time order
+    (``benchmarks/defaults.py``, recorded in ``benchmarks/RESULTS.md``).
+    """
 
     regularization: float = setting(
-        1.0, "Ridge lambda of each user's prior (A_u starts at lambda * I).", low=0.0, low_open=True
+        10.0,
+        "Ridge lambda of a new user's prior (A_u starts at lambda * I); keep it at "
+        "train.user_regularization, the prior a trained user had.",
+        low=0.0,
+        low_open=True,
     )
     prior: str = setting(
         "mean",
@@ -62,7 +71,7 @@ class ModelConfig:
         choices=("mean", "zero"),
     )
     forgetting: float = setting(
-        1.0,
+        0.98,
         "Forgetting factor gamma in (0, 1]; 1 keeps every observation.",
         low=0.0,
         high=1.0,
@@ -144,19 +153,22 @@ class TrainConfig:
         0, "Blocks per half-step in distributed mode (0: Spark's parallelism).", low=0
     )
     rank: int = setting(
-        10, "Latent factors per item; the served features are [factors, 1].", low=1, high=1024
+        3, "Latent factors per item; the served features are [factors, 1].", low=1, high=1024
     )
     user_regularization: float = setting(
-        1.5, "User ridge strength; scaled by sqrt(ratings of the user).", low=0.0, low_open=True
+        10.0,
+        "User ridge strength lambda; scaled by n^regularization_exponent (n: user's ratings).",
+        low=0.0,
+        low_open=True,
     )
     item_regularization: float = setting(
-        1.0,
-        "Item ridge strength; scaled by sqrt(ratings of the item). MLlib's regParam.",
+        10.0,
+        "Item ridge strength; scaled by n^regularization_exponent. MLlib's regParam.",
         low=0.0,
         low_open=True,
     )
     regularization_exponent: float = setting(
-        0.5,
+        0.0,
         "Exponent e of the per-row ridge strength lambda * n^e (0: fixed, 1: MLlib's linear).",
         low=0.0,
         high=1.0,
@@ -193,6 +205,12 @@ class ServeConfig:
     max_k: int = setting(1000, "Largest k of a top-K request.", low=1)
     rating_min: float = setting(0.0, "Smallest rating accepted by observe.")
     rating_max: float = setting(5.0, "Largest rating accepted by observe.")
+    follow_interval: float = setting(
+        1.0,
+        "Seconds between reads of the registry's active pointer; the server switches to the "
+        "version it names (0: switch only through POST /models/{v}/activate).",
+        low=0.0,
+    )
     deadline_ms: float = setting(
         50.0,
         "Latency bound of predict and top-K; a request that would miss it gets the prior's "

@@ -316,8 +316,17 @@ class OnlineModel:
 
     def _item_terms(self, keys: Sequence[str], rows: np.ndarray) -> tuple[Any, np.ndarray]:
         """What every read path needs of its items: features, and ``mu + b_i`` on the host."""
-        base = self.biases.mean + self.biases.bias(self.biases.find(keys))
-        return self._item_vectors(keys, rows), base
+        return self._item_vectors(keys, rows), self._base(keys)
+
+    def _base(self, keys: Sequence[str]) -> np.ndarray:
+        """``mu + b_i``: the part of every score that does not depend on the user."""
+        return self.biases.mean + self.biases.bias(self.biases.find(keys))
+
+    def prior_scores(self, items: Sequence[Any]) -> Prediction:
+        """``mu + b_i`` for each item, for any user: the answer when the user model cannot
+        be asked in time (the serving tier's deadline), without touching user state."""
+        keys = normalize_ids(items, "item")
+        return Prediction(keys, self._base(keys), self.features.lookup(keys) < 0)
 
     # --------------------------------------------------------------- observe
 
