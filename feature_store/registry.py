@@ -35,6 +35,7 @@ Layout under the root::
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import logging
 import re
@@ -82,6 +83,8 @@ _FIELDS: dict[str, type | tuple[type, ...]] = {
     "rank": (int, _OPTIONAL),
     "error": (str, _OPTIONAL),
 }
+_OPTIONAL_FIELDS: dict[str, type] = {"checksums": dict}
+"""Fields a version written by an older Velox lacks (its artifacts then go unchecked)."""
 _FIX = "delete the version's folder or restore it from a backup"
 _ARTIFACT_FIX = "restore it from a backup or delete the version"
 
@@ -104,6 +107,8 @@ class ModelVersion:
     train_count: int | None = None
     rank: int | None = None
     error: str | None = None
+    checksums: dict[str, str] = field(default_factory=dict)
+    """SHA-256 of each artifact file as written, verified whenever the file is read."""
 
     @property
     def name(self) -> str:
@@ -159,7 +164,7 @@ class ModelRegistry:
     def load(self, number: int) -> TrainedModel:
         """A version's trained model as NumPy arrays, schemas checked, ``A`` rebuilt in full."""
         version = self._stored(number)
-        items, users = (_read(path, schema) for path, schema in self._artifacts(version))
+        items, users = (_read(path, schema, version) for path, schema in self._artifacts(version))
         d = version.rank + 1
         return TrainedModel(
             item_ids=items.column("item").to_numpy().astype(str),
@@ -237,6 +242,7 @@ class ModelRegistry:
             train_count=int(trained.train_count),
             global_mean=float(trained.global_mean),
             rank=trained.rank,
+            checksums={name: _sha256(folder / name) for name in (_ITEMS, _USERS)},
         )
         _write_metadata(folder, version)
         return version
@@ -255,7 +261,7 @@ class ModelRegistry:
                 f"{version.name} is {version.state}; only a building version can be ready"
             )
         for path, schema in self._artifacts(version):
-            _check_schema(path, schema)
+            _check_schema(path, schema, version)
         version = replace(
             version,
             state="ready",
@@ -334,7 +340,7 @@ class ModelRegistry:
                 f"{version.name} is {version.state}; only a ready version can be active"
             )
         for path, schema in self._artifacts(version):
-            _check_schema(path, schema)
+            _check_schema(path, schema, version)
         atomic_write(self.root / _ACTIVE, lambda path: path.write_text(f"{number}\n"))
         log.info("model %s is active", version.name)
         return replace(version, state="active")
@@ -395,11 +401,13 @@ class ModelRegistry:
             if version.state == "retired" or version.rank is None:
                 continue
             path, schema = self._artifacts(version)[1]
-            table = _read(path, schema)
+            table = _read(path, schema, version)
             gone = pc.is_in(table.column("user"), pa.array(sorted(users), pa.string()))
             kept = table.filter(pc.invert(gone))
             if kept.num_rows < table.num_rows:
                 atomic_write(path, lambda target, kept=kept: pq.write_table(kept, target))
+                checksums = {**version.checksums, _USERS: _sha256(path)}
+                _write_metadata(path.parent, replace(version, checksums=checksums))
                 removed += table.num_rows - kept.num_rows
                 log.info("forgot %d user(s) in %s", table.num_rows - kept.num_rows, version.name)
         return removed
@@ -500,6 +508,11 @@ def _parse(data: Any, number: int, path: Path) -> ModelVersion:
     problems = [f"missing {key}" for key in _FIELDS if key not in data]
     problems += [
         f"{key} is {type(data[key]).__name__}"
+        for key, kind in _OPTIONAL_FIELDS.items()
+        if key in data and not isinstance(data[key], kind)
+    ]
+    problems += [
+        f"{key} is {type(data[key]).__name__}"
         for key, kind in _FIELDS.items()
         if key in data and not isinstance(data[key], kind)
     ]
@@ -509,7 +522,10 @@ def _parse(data: Any, number: int, path: Path) -> ModelVersion:
         problems.append(f"created {data['created']!r} is not an ISO-8601 time")
     if problems:
         raise DataError(f"registry entry {path} is damaged ({', '.join(problems)}); {_FIX}")
-    return ModelVersion(number, **{key: data[key] for key in _FIELDS if key != "format"})
+    optional = {key: data[key] for key in _OPTIONAL_FIELDS if key in data}
+    return ModelVersion(
+        number, **{key: data[key] for key in _FIELDS if key != "format"}, **optional
+    )
 
 
 def _is_time(text: str) -> bool:
@@ -587,9 +603,17 @@ def _matrix(column: pa.ChunkedArray, width: int) -> np.ndarray:
     return flat.to_numpy(zero_copy_only=False, writable=True).reshape(-1, width)
 
 
-def _check_schema(path: Path, schema: pa.Schema) -> None:
+def _sha256(path: Path) -> str:
+    with path.open("rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
+def _check_schema(path: Path, schema: pa.Schema, version: ModelVersion) -> None:
+    """The artifact exists, has ``schema``, and matches the checksum its version recorded."""
+    expected = version.checksums.get(path.name)
     try:
         got = pq.read_schema(path).remove_metadata()
+        found = _sha256(path) if expected is not None else None
     except FileNotFoundError:
         raise DataError(f"model artifact {path} is missing; {_ARTIFACT_FIX}") from None
     except (pa.ArrowException, OSError) as exc:
@@ -599,10 +623,15 @@ def _check_schema(path: Path, schema: pa.Schema) -> None:
     if got != schema:
         mismatch = schema_mismatch(schema, got)
         raise DataError(f"model artifact {path} has the wrong schema ({mismatch}); {_ARTIFACT_FIX}")
+    if found != expected:
+        raise DataError(
+            f"model artifact {path} of {version.name} is damaged: its SHA-256 is {found}, "
+            f"not the {expected} recorded when it was written; {_ARTIFACT_FIX}"
+        )
 
 
-def _read(path: Path, schema: pa.Schema) -> pa.Table:
-    _check_schema(path, schema)
+def _read(path: Path, schema: pa.Schema, version: ModelVersion) -> pa.Table:
+    _check_schema(path, schema, version)
     try:
         return pq.read_table(path, schema=schema)
     except (pa.ArrowException, OSError) as exc:

@@ -351,6 +351,16 @@ def foreign_items(root: Path) -> Path:
     return path
 
 
+def flipped_items(root: Path) -> Path:
+    """Eight bytes changed inside the data, the Parquet footer intact: only a checksum sees it."""
+    path = root / "v000001" / "items.parquet"
+    data = bytearray(path.read_bytes())
+    data[8:16] = bytes(b ^ 0xFF for b in data[8:16])
+    path.write_bytes(bytes(data))
+    assert pq.read_schema(path).remove_metadata().names == ["item", "bias", "factors"]
+    return path
+
+
 def garbage_users(root: Path) -> Path:
     path = root / "v000001" / "users.parquet"
     path.write_bytes(b"not parquet at all")
@@ -396,6 +406,8 @@ DAMAGE = {
     "creation time not a time": (edit_metadata(created="yesterday"), "ISO-8601", METADATA),
     "newer format": (edit_metadata(format=99), "upgrade Velox", METADATA),
     "items of a foreign schema": (foreign_items, "bias is float", ARTIFACT),
+    "items with flipped bytes": (flipped_items, "of v1 is damaged: its SHA-256", ARTIFACT),
+    "checksums of a wrong type": (edit_metadata(checksums="x"), "checksums is str", METADATA),
     "users not Parquet": (garbage_users, "not readable Parquet", ARTIFACT),
     "users missing": (missing_users, "is missing", ARTIFACT),
     "pointer not a number": (pointer("v2\n"), "not a version number", POINTER),
@@ -435,3 +447,12 @@ def test_a_damaged_version_can_be_deleted_and_a_damaged_pointer_reactivated(tmp_
     pointer("v2")(tmp_path)
     assert registry.activate(2).state == "active"
     assert registry.active().number == 2
+
+
+def test_a_version_written_before_checksums_still_loads(tmp_path):
+    registry = ModelRegistry(tmp_path)
+    number = ready(registry, seed=2)
+    assert set(registry.get(number).checksums) == {"items.parquet", "users.parquet"}
+    edit_metadata(checksums=...)(tmp_path)  # as an older Velox wrote it
+    assert registry.get(number).checksums == {}
+    assert_equal_artifacts(registry.load(number), artifacts(seed=2))
