@@ -131,6 +131,18 @@ class StoreConfig:
 
 
 @dataclass(frozen=True)
+class RegistryConfig:
+    """The model registry: how many versions stay ready to roll back to."""
+
+    keep: int = setting(
+        3,
+        "Newest ready versions kept besides the active one; the log keeps what rolling back to "
+        "any of them needs (velox store trim).",
+        low=1,
+    )
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     """The Spark training job (``velox train``)."""
 
@@ -219,6 +231,12 @@ class ServeConfig:
     )
     read_token: str = setting("", "Bearer token for reads (empty: reads are open).")
     write_token: str = setting("", "Bearer token for observe and deletion (empty: open).")
+    idempotency_ttl: float = setting(
+        86_400.0,
+        "Seconds an observe request's idempotency key is remembered; a retry after that is new.",
+        low=0.0,
+        low_open=True,
+    )
     admin_token: str = setting("", "Bearer token for model activation (empty: open).")
 
 
@@ -230,6 +248,7 @@ class VeloxConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     compute: ComputeConfig = field(default_factory=ComputeConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
+    registry: RegistryConfig = field(default_factory=RegistryConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
 
