@@ -10,11 +10,17 @@ printed only once the batch is durable:
 * ``group``: the serving path's group commit: one to four batches are
   logged with ``observe(sync=False)``, then one :meth:`DurableModel.sync_log`
   (RocksDB SyncWAL) makes them all durable, and only then are they acknowledged.
+* ``checkpoint``: group commit, and each background checkpoint prints
+  ``checkpoint`` once its user states are written (without the WAL, not yet
+  flushed) and lingers there a moment, so the test can kill it inside the
+  checkpoint: before, during or after the flush that must precede the watermark.
 """
 
 from __future__ import annotations
 
 import sys
+import time
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -39,14 +45,26 @@ def batch(run: int, k: int) -> tuple[list[str], list[str], np.ndarray, np.ndarra
     )
 
 
-def open_model(path: str) -> DurableModel:
+class AnnouncingStore(OnlineStore):
+    """A store whose checkpoints say when their user states are written, then linger."""
+
+    def put_states(self, family: str, keys: Sequence[str], *args: object) -> None:
+        super().put_states(family, keys, *args)
+        if keys:
+            sys.stdout.write("checkpoint\n")
+            sys.stdout.flush()
+            time.sleep(0.02)
+
+
+def open_model(path: str, mode: str = "synced") -> DurableModel:
     """Small cache and a fast write-back, so kills land in checkpoints and evictions too."""
     config = StoreConfig(cache_users=16, checkpoint_interval=0.01)
-    return DurableModel(small_model(), OnlineStore(path), config)
+    store = AnnouncingStore(path) if mode == "checkpoint" else OnlineStore(path)
+    return DurableModel(small_model(), store, config)
 
 
 def main(path: str, run: int, mode: str) -> None:
-    durable = open_model(path)
+    durable = open_model(path, mode)
     print("ready", durable.recovered, flush=True)
     group = np.random.default_rng(run)
     k = 0
@@ -57,7 +75,7 @@ def main(path: str, run: int, mode: str) -> None:
             _, seqs = durable.observe(*batch(run, k), sync=mode == "synced")
             pending.append((k, seqs))
             k += 1
-        if mode == "group":
+        if mode != "synced":
             durable.sync_log()
         for number, seqs in pending:
             # One write per line: print() writes each piece separately when unbuffered.

@@ -4,7 +4,9 @@ The writer (``tests/crash_writer.py``) runs a durable model with a small cache
 and a 10 ms background write-back, so kills land in commits, checkpoints,
 evictions and recoveries alike. It commits with synced writes, or as the
 serving path does, by group commit (unsynced writes, then one SyncWAL before
-the acknowledgements). After every kill the next writer recovers the store
+the acknowledgements), or by group commit with each kill aimed inside a
+checkpoint (its user states written without the WAL, before, during or after
+the flush that must precede the watermark). After every kill the next writer recovers the store
 and carries on. At the end the log must hold every acknowledged batch whole,
 at the sequence numbers it was acknowledged with, no batch in part, with
 contiguous sequence numbers, and the recovered states must equal a replay of
@@ -44,18 +46,23 @@ def _run_and_kill(
         text=True,
     )
     lines: list[str] = []
-    first_ack = threading.Event()
+    first_ack, checkpoint = threading.Event(), threading.Event()
 
     def read() -> None:
         for line in writer.stdout:
             lines.append(line)
             if line.startswith("ack"):
                 first_ack.set()
+            elif line == "checkpoint\n" and len(lines) > 40:  # once batches flow
+                checkpoint.set()
 
     reader = threading.Thread(target=read)
     reader.start()
     if run % 6 == 5:  # some die while starting or recovering
         time.sleep(rng.uniform(0.05, 0.5))
+    elif mode == "checkpoint":  # inside a checkpoint, around the flush before its watermark
+        assert checkpoint.wait(timeout=60), lines
+        time.sleep(rng.uniform(0.0, 0.03))
     else:  # the others at a random moment once batches flow
         assert first_ack.wait(timeout=60), lines
         time.sleep(rng.uniform(0.0, 0.25))
@@ -68,7 +75,7 @@ def _run_and_kill(
     return [tuple(int(x) for x in line.split()[1:]) for line in acks]
 
 
-@pytest.mark.parametrize(("mode", "kills"), [("synced", 24), ("group", 12)])
+@pytest.mark.parametrize(("mode", "kills"), [("synced", 24), ("group", 12), ("checkpoint", 8)])
 def test_sigkill_never_loses_an_acknowledged_batch_or_leaves_half_of_one(tmp_path, mode, kills):
     path = tmp_path / "db"
     rng = np.random.default_rng(2026)
