@@ -109,7 +109,10 @@ async def topk(request: web.Request) -> web.Response:
     user = check_id(body.user, "user", state.limits)
     candidates = None
     if body.candidates is not None:
-        candidates = check_ids(body.candidates, "candidates", state.limits, empty=True)
+        # De-duplicated, the first occurrence kept: one item is one result.
+        candidates = list(
+            dict.fromkeys(check_ids(body.candidates, "candidates", state.limits, empty=True))
+        )
     exclude = set() if body.include_rated else state.durable.rated(user)
 
     def compute(timeout: float | None):
@@ -173,9 +176,7 @@ async def observe(request: web.Request) -> web.Response:
     raw = await request.read()
     body = decode(raw, OBSERVE)
     observations = [body] if isinstance(body, ObservationBody) else body
-    users, items, ratings, ts = check_observations(observations, state.limits)
-    now = time.time()
-    columns = (users, items, ratings, [now if t is None else t for t in ts])
+    columns = check_observations(observations, state.limits, time.time())
     key = request.headers.get("Idempotency-Key")
     if key is None:
         return json_response(await state.observations.submit(columns))

@@ -15,8 +15,6 @@ import logging
 import os
 import socket
 
-from aiohttp import web
-
 from feature_store.layout import DataLayout
 from feature_store.registry import ModelRegistry
 from velox.als import ALSParams, Ratings, train_als
@@ -61,6 +59,7 @@ def bootstrap(config: VeloxConfig) -> None:
 
 def _serve(args: argparse.Namespace, config: VeloxConfig) -> None:
     from serving.app import create_app
+    from serving.wire import run
 
     given = (("host", args.host), ("port", args.port))
     flags = [f"serve.{name}={value}" for name, value in given if value is not None]
@@ -77,10 +76,9 @@ def _serve(args: argparse.Namespace, config: VeloxConfig) -> None:
             f"cannot listen on {host}:{port} ({os.strerror(exc.errno) if exc.errno else exc}); "
             "set another --port (0: any free port) or --host"
         ) from None
-    web.run_app(
+    run(
         create_app(config),
-        sock=sock,
-        print=lambda text: print(text, flush=True),
+        sock,
         access_log=log if args.verbose else None,
-        shutdown_timeout=30,
+        announce=lambda text: print(text, flush=True),
     )

@@ -17,6 +17,7 @@ from collections.abc import Awaitable, Callable
 
 import msgspec
 from aiohttp import web
+from aiohttp.http_exceptions import ContentEncodingError, DecompressSizeError, HttpProcessingError
 
 from feature_store.durable import Busy, Replaced, Unavailable
 from serving.batcher import Closed
@@ -32,9 +33,17 @@ Route = tuple[str, str, Handler, str | None]
 """Path, method, handler, and the token scope it needs (None: open to all)."""
 
 READ, WRITE, ADMIN = "read", "write", "admin"
+ENCODINGS = ("identity", "gzip", "deflate")
+"""The body encodings accepted (aiohttp decodes them); any other is refused with 415,
+never read as plain bytes."""
+CLIENT_GONE = 499
+"""The status a request is counted under when its client left before the answer
+(nginx's "client closed request"): not a server error."""
 LIMITS = web.AppKey("limits", ServeConfig)
 METRICS = web.AppKey("metrics", Metrics)
 STARTED = web.RequestKey("started", float)
+Problem = tuple[int, str, str]
+"""An error answer: the status, the stable code and the sentence."""
 
 
 def json_response(payload: object, status: int = 200) -> web.Response:
@@ -57,6 +66,7 @@ def endpoint(route: str, handler: Handler, scope: str | None) -> Handler:
         try:
             if scope is not None:
                 _authorize(request, scope, app[LIMITS])
+            _check_encoding(request)
             response = await handler(request)
         except web.HTTPException as exc:
             if exc.status < 400:
@@ -82,6 +92,11 @@ def _failure(request: web.Request, exc: Exception) -> web.Response:
     """Every failure as ``{"error", "message"}``; a server fault is logged, never leaked."""
     if isinstance(exc, RequestError):
         return error_response(exc.status, exc.code, exc.message)
+    if isinstance(exc, web.RequestPayloadError):  # a body that does not parse or decompress
+        return error_response(*payload_problem(exc.__cause__ or exc))
+    if isinstance(exc, ConnectionResetError):  # the client left mid-body: nobody to answer
+        log.debug("client left during %s %s", request.method, request.path)
+        return web.Response(status=CLIENT_GONE)
     if isinstance(exc, InputError):
         return error_response(422, "validation_error", str(exc))
     if isinstance(exc, Closed | Busy | Replaced | Unavailable):  # (a failing disk: the sentence)
@@ -95,15 +110,42 @@ def _failure(request: web.Request, exc: Exception) -> web.Response:
     return error_response(500, "internal", "an unexpected error occurred; see the server log")
 
 
+def payload_problem(exc: BaseException) -> Problem:
+    """The 4xx for a body the HTTP layer could not read: too large once decoded, or malformed."""
+    if isinstance(exc, DecompressSizeError):
+        return 413, "payload_too_large", "the body is too large once decompressed"
+    if isinstance(exc, ContentEncodingError):
+        return 400, "bad_encoding", "the body does not decode as its Content-Encoding says"
+    return 400, "bad_request", f"the body is malformed: {first_line(exc)}"
+
+
+def first_line(exc: BaseException) -> str:
+    """aiohttp's parser message without the lines that point into the request."""
+    text = exc.message if isinstance(exc, HttpProcessingError) else str(exc)
+    return text.strip().split("\n", 1)[0].rstrip(":")
+
+
+def _check_encoding(request: web.Request) -> None:
+    encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
+    if encoding not in ENCODINGS:
+        raise RequestError(
+            415,
+            "unsupported_encoding",
+            f"Content-Encoding {encoding!r} is not supported; send {', '.join(ENCODINGS)}",
+        )
+
+
 def _authorize(request: web.Request, scope: str, limits: ServeConfig) -> None:
+    """The bearer token's scope covers ``scope``; the scheme's case does not matter (RFC 7235)."""
     tokens = {READ: limits.read_token, WRITE: limits.write_token, ADMIN: limits.admin_token}
     allowed = {READ: (READ, WRITE, ADMIN), WRITE: (WRITE, ADMIN), ADMIN: (ADMIN,)}[scope]
     if not tokens[scope]:
         return  # this access is open
-    header = request.headers.get("Authorization", "")
-    if not header.startswith("Bearer "):
+    scheme, _, credentials = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() != "bearer":
         raise RequestError(401, "unauthorized", "this route needs 'Authorization: Bearer <token>'")
-    given = header.removeprefix("Bearer ").strip().encode()
+    # aiohttp keeps undecodable header bytes as surrogates; such a token matches none.
+    given = credentials.strip().encode(errors="surrogateescape")
     held = [
         name
         for name, token in tokens.items()

@@ -2,8 +2,8 @@
 
 msgspec decodes straight into typed structs (several times faster than
 ``json`` plus hand checks) and says where a type is wrong (``at $.items[3]``);
-the rules the types carry (``msgspec.Meta``: non-empty ids and lists, a
-non-negative ``alpha``) are enforced there and appear in the OpenAPI
+the rules the types carry (``msgspec.Meta``: non-empty ids and lists,
+an ``alpha`` from 0 to :data:`MAX_ALPHA`) are enforced there and appear in the OpenAPI
 document, which :mod:`serving.openapi` generates from these same types. The
 limits that come from the settings and the value rules the types cannot
 express follow in :func:`check_ids`, :func:`check_observations` and friends.
@@ -24,6 +24,12 @@ from velox.config import ServeConfig
 
 Id = Annotated[str, Meta(min_length=1)] | int
 """Ids are strings; integers are accepted and turned into strings."""
+
+MAX_ALPHA = 100.0
+"""The largest exploration weight: alpha counts posterior standard deviations, and far
+beyond this the bonus swamps every score (and near 1.8e308 it overflows to infinity)."""
+
+SECONDS_PER_DAY = 86_400.0
 
 
 class RequestError(Exception):
@@ -51,12 +57,15 @@ class TopKBody(Struct, forbid_unknown_fields=True):
     k: int
     candidates: list[Id] | None = None
     explore: Explore = "none"
-    alpha: Annotated[float, Meta(ge=0)] = 1.0
+    alpha: Annotated[float, Meta(ge=0, le=MAX_ALPHA)] = 1.0
     include_rated: bool = False
 
 
 class ObservationBody(Struct, forbid_unknown_fields=True):
-    """One rating; ``ts`` (seconds since the epoch) defaults to its arrival."""
+    """One rating; ``ts`` (seconds since the epoch) defaults to its arrival.
+
+    ``ts`` must lie within ``serve.ts_window_days`` of the server's clock.
+    """
 
     user: Id
     item: Id
@@ -198,16 +207,18 @@ def check_id(value: Id, what: str, limits: ServeConfig) -> str:
 def check_topk(body: TopKBody, limits: ServeConfig) -> None:
     if not 1 <= body.k <= limits.max_k:
         raise RequestError(422, "validation_error", f"k must be 1 to {limits.max_k}, got {body.k}")
-    if not math.isfinite(body.alpha) or body.alpha < 0:
-        raise RequestError(
-            422, "validation_error", f"alpha must be finite and >= 0, got {body.alpha}"
-        )
 
 
 def check_observations(
-    observations: list[ObservationBody], limits: ServeConfig
-) -> tuple[list[str], list[str], list[float], list[float | None]]:
-    """Columns of a valid observe body; the first bad observation is named by its index."""
+    observations: list[ObservationBody], limits: ServeConfig, now: float
+) -> tuple[list[str], list[str], list[float], list[float]]:
+    """Columns of a valid observe body, a missing ``ts`` set to ``now``.
+
+    The first bad observation is named by its index. A ``ts`` is kept within
+    ``serve.ts_window_days`` of ``now``: times far from the clock are mistakes
+    (milliseconds sent as seconds) or attacks (``1e300`` overflows the offline
+    store's timestamps), never real observations.
+    """
     if len(observations) > limits.max_list:
         raise RequestError(
             422,
@@ -215,6 +226,7 @@ def check_observations(
             f"{len(observations)} observations in one request; at most {limits.max_list}",
         )
     low, high = limits.rating_min, limits.rating_max
+    window = limits.ts_window_days * SECONDS_PER_DAY
     for n, o in enumerate(observations):
         if not (math.isfinite(o.rating) and low <= o.rating <= high):
             raise RequestError(
@@ -223,11 +235,16 @@ def check_observations(
                 f"observation {n}: rating must be a finite number in [{low:g}, {high:g}], "
                 f"got {o.rating}",
             )
-        if o.ts is not None and not math.isfinite(o.ts):
-            raise RequestError(422, "validation_error", f"observation {n}: ts must be finite")
+        if o.ts is not None and not abs(o.ts - now) <= window:  # (False for NaN)
+            raise RequestError(
+                422,
+                "validation_error",
+                f"observation {n}: ts must be seconds since the epoch within "
+                f"{limits.ts_window_days:g} days of the server's clock ({now:.0f}), got {o.ts}",
+            )
     return (
         [check_id(o.user, "user", limits) for o in observations],
         [check_id(o.item, "item", limits) for o in observations],
         [o.rating for o in observations],
-        [o.ts for o in observations],
+        [now if o.ts is None else o.ts for o in observations],
     )

@@ -217,6 +217,13 @@ class ServeConfig:
     max_k: int = setting(1000, "Largest k of a top-K request.", low=1)
     rating_min: float = setting(0.0, "Smallest rating accepted by observe.")
     rating_max: float = setting(5.0, "Largest rating accepted by observe.")
+    ts_window_days: float = setting(
+        36500.0,
+        "How far an observation's ts may lie from the server's clock, in days, either way "
+        "(the default admits replays of data sets collected since 1970).",
+        low=0.0,
+        low_open=True,
+    )
     follow_interval: float = setting(
         1.0,
         "Seconds between reads of the registry's active pointer; the server switches to the "

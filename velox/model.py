@@ -663,7 +663,9 @@ class OnlineModel:
 
         ``explore = "ucb"`` adds ``alpha * sqrt(f^T P_u f)``; ``"thompson"``
         scores with weights drawn from ``N(w_u, alpha^2 P_u)``. The returned
-        scores are the ranking scores, exploration included.
+        scores are the ranking scores, exploration included, and always finite:
+        an ``alpha`` so large that they overflow is refused. A candidate listed
+        twice is ranked once, where it first appears.
         """
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise InputError(f"k must be a positive integer, got {k!r}")
@@ -679,7 +681,7 @@ class OnlineModel:
             scores = self.biases.mean + self.biases.bias(catalogue.bias_rows)
             dropped = catalogue.positions(banned)  # scored, then ranked last and cut
         else:
-            keys = normalize_ids(candidates, "item")
+            keys = list(dict.fromkeys(normalize_ids(candidates, "item")))
             if banned:
                 keys = [key for key in keys if key not in banned]
             rows = self.features.lookup(keys)
@@ -697,6 +699,10 @@ class OnlineModel:
         if explore == "ucb":
             ranking = ranking + alpha * kernels.ucb_bonus(P[None], f)[0]
         scores = scores + self.backend.to_numpy(ranking)
+        if not np.isfinite(scores).all():
+            raise InputError(
+                f"alpha {alpha:g} makes the exploration scores overflow; use a smaller alpha"
+            )
         scores[dropped] = -np.inf
         top = min(k, available)
         best = np.argpartition(-scores, top - 1)[:top]
