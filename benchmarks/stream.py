@@ -147,7 +147,7 @@ def river_policy(train: pa.Table, stream: pa.Table) -> Policy | None:
     pre-trained model. None when River is not installed.
     """
     try:
-        pretrained = river_learner("mf", train, rank=load_config().train.rank).model
+        pretrained = river_learner("mf", train).model
     except InputError:
         return None
     return Policy("River BiasedMF", lambda: TightRiver(copy.deepcopy(pretrained)), stream)

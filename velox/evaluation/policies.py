@@ -179,7 +179,7 @@ def _river(kind: str) -> Callable[[Setup], Learner]:
     def make(setup: Setup) -> Learner:
         from velox.evaluation.river_peers import river_learner
 
-        return river_learner(kind, setup.train, rank=setup.params.rank)
+        return river_learner(kind, setup.train)
 
     return make
 

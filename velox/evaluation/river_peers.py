@@ -4,13 +4,15 @@ River (``pip install 'velox[bench]'``) learns one observation at a time by
 SGD. Its peers here are pre-trained by one pass over the training part in
 time order, then predict-then-learn the stream like every other policy:
 
-* ``mf``: ``river.reco.BiasedMF`` (global mean, user and item biases,
-  latent factors of the run's rank), SGD 0.025 on the biases and 0.05 on the
-  factors, L2 0.01 on the factors, factors drawn from N(0, 0.1^2), seed 0;
+* ``mf``: ``river.reco.BiasedMF`` (global mean, user and item biases, 10
+  latent factors), SGD 0.025 on the biases and 0.05 on the factors, no L2,
+  factors drawn from N(0, 0.1^2), seed 0;
 * ``biases``: ``river.reco.Baseline`` (global mean and biases), SGD 0.025.
 
-These settings are the best of a small grid (SGD rates 0.01, 0.025, 0.05;
-L2 0, 0.01, 0.05) on MovieLens 100K's training part (``benchmarks/RESULTS.md``).
+The ``mf`` settings are the best of a small grid (factors 3 or 10; SGD 0.01,
+0.025, 0.05 on the biases and 0.01, 0.05 on the factors; L2 0, 0.01, 0.05)
+scored on MovieLens 100K's training part alone, as ``--tune`` scores Velox
+(``python -m benchmarks.river_grid``; ``benchmarks/RESULTS.md``).
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ class RiverLearner:
         return predictions
 
 
-def river_learner(kind: str, train: pa.Table, *, rank: int) -> RiverLearner:
+def river_learner(kind: str, train: pa.Table) -> RiverLearner:
     """A River peer of ``kind`` ("mf" or "biases"), pre-trained on ``train`` in time order."""
     try:
         from river import optim, reco
@@ -46,10 +48,9 @@ def river_learner(kind: str, train: pa.Table, *, rank: int) -> RiverLearner:
         ) from None
     if kind == "mf":
         model = reco.BiasedMF(
-            n_factors=rank,
+            n_factors=10,
             bias_optimizer=optim.SGD(0.025),
             latent_optimizer=optim.SGD(0.05),
-            l2_latent=0.01,
             latent_initializer=optim.initializers.Normal(mu=0.0, sigma=0.1, seed=0),
         )
     elif kind == "biases":
