@@ -276,3 +276,30 @@ def test_velox_evaluate_tune_records_its_choice_and_the_check(tmp_path):
     assert tuned["check"]["chosen_on_stream"] >= tuned["check"]["best_on_stream"]
     params = json.loads((tmp_path / "out" / "summary.json").read_text())["params"]
     assert params["rank"] == tuned["settings"]["train.rank"]
+
+
+def test_a_durable_store_scores_the_stream_as_the_in_process_online_policy(tmp_path):
+    """velox evaluate --store: the storage path (apply, log, sync, page in) predicts alike."""
+    data = tmp_path / "ratings.parquet"
+    pq.write_table(synthesize(SMALL), data)
+    common = ["--set", "train.rank=3", "--set", "train.iterations=3", "evaluate", "--data"]
+    done = velox(
+        *common,
+        str(data),
+        "--policies",
+        "online",
+        "--store",
+        str(tmp_path / "store"),
+        "--out",
+        str(tmp_path / "out"),
+        "--quiet",
+    )
+    assert done.returncode == 0, done.stderr
+    rows = pq.read_table(tmp_path / "out" / "observations.parquet").to_pandas()
+    online = rows[rows.policy == "online"].prediction.to_numpy()
+    stored = rows[rows.policy == "store"].prediction.to_numpy()
+    assert online.size == stored.size == 4000
+    np.testing.assert_allclose(stored, online, rtol=1e-12, atol=1e-12)
+    assert (tmp_path / "store" / "CURRENT").is_file()  # a real RocksDB store
+    again = velox(*common, str(data), "--store", str(tmp_path / "store"), "--quiet")
+    assert again.returncode == 2 and "is not empty" in again.stderr

@@ -9,9 +9,11 @@ ALS trains with ``[train]``, the online model runs with ``[model]``, as
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import sys
 import time
+from importlib.metadata import entry_points
 from pathlib import Path
 
 import pyarrow as pa
@@ -24,6 +26,8 @@ from velox.errors import DataError
 from velox.evaluation.harness import PROTOCOLS, Spec, evaluate, per_user_protocol, split
 from velox.evaluation.policies import DEFAULT_POLICIES, POLICIES, ServerLearner
 from velox.evaluation.tune import GRID, Grid, score_grid, tune
+
+LEARNERS = "velox.learners"
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
@@ -48,6 +52,11 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         help="also replay the stream through this running velox serve (policy 'server')",
     )
     parser.add_argument("--token", help="bearer token for --server's observe route")
+    parser.add_argument(
+        "--store",
+        metavar="DIR",
+        help="also replay the stream through a durable store created in DIR (policy 'store')",
+    )
     parser.add_argument("--out", default="results", help="results folder to write")
     parser.add_argument(
         "--tune",
@@ -125,6 +134,17 @@ def _tuned(
     return best.params, best.model, extra
 
 
+def _plugin(name: str):
+    """A learner maker of the ``velox.learners`` entry points (packages built on velox)."""
+    found = {entry.name: entry for entry in entry_points(group=LEARNERS)}
+    if name not in found:
+        raise DataError(
+            f"no {name!r} learner is installed (entry point group {LEARNERS}); "
+            "install Velox with its feature store: pip install -e ."
+        )
+    return found[name].load()
+
+
 def run(args: argparse.Namespace, config: VeloxConfig) -> None:
     """Run ``velox evaluate`` with the parsed ``args``."""
     from velox.evaluation import results
@@ -151,15 +171,18 @@ def run(args: argparse.Namespace, config: VeloxConfig) -> None:
         ranks = tuple(int(rank) for rank in args.tune_ranks.split(","))
         grid = dataclasses.replace(GRID, ranks=ranks)
         params, model, extra = _tuned(table, spec, params, model, grid, check=args.tune_check)
-    if args.server is None:
-        evaluation = evaluate(table, params, model, spec, progress=progress)
-    else:
-        from velox.client import Client
+    learners = {}
+    if args.store is not None:
+        make = _plugin("durable")
+        learners["store"] = lambda setup: make(setup, args.store)
+    with contextlib.ExitStack() as stack:
+        if args.server is not None:
+            from velox.client import Client
 
-        spec = dataclasses.replace(spec, policies=(*spec.policies, "server"))
-        with Client(args.server, token=args.token) as client:
-            learners = {"server": ServerLearner(client)}
-            evaluation = evaluate(table, params, model, spec, progress=progress, learners=learners)
+            client = stack.enter_context(Client(args.server, token=args.token))
+            learners["server"] = lambda setup: ServerLearner(client)
+        spec = dataclasses.replace(spec, policies=(*spec.policies, *learners))
+        evaluation = evaluate(table, params, model, spec, progress=progress, learners=learners)
     folder = results.write(evaluation, args.out, extra)
     print(results.table(evaluation.summary()))
     print(f"results in {folder}")

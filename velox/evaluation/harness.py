@@ -142,12 +142,13 @@ def evaluate(
     spec: Spec = Spec(),
     *,
     progress: Callable[[str], ProgressBar] | None = None,
-    learners: Mapping[str, Learner] | None = None,
+    learners: Mapping[str, Callable[[Setup], Learner]] | None = None,
 ) -> Evaluation:
     """Train on the protocol's first part, then replay the rest through every policy.
 
-    ``learners`` names learners made outside (a running server) that take
-    part beside the policies of :mod:`velox.evaluation.policies`.
+    ``learners`` names makers of learners from outside (a running server, a
+    durable store) that take part beside :mod:`velox.evaluation.policies`;
+    a learner with a ``close`` method is closed after its replay.
     """
     if spec.protocol == "per-user":
         raise InputError("the per-user protocol has its own entry point, per_user_protocol")
@@ -161,8 +162,13 @@ def evaluate(
     results = []
     for name in spec.policies:
         bar = progress(name) if progress is not None else None
-        policy = learners[name] if learners and name in learners else learner(name, setup)
-        trace = replay(policy, stream, batch_size=spec.batch_size, progress=bar).clipped(*scale)
+        policy = learners[name](setup) if learners and name in learners else learner(name, setup)
+        try:
+            trace = replay(policy, stream, batch_size=spec.batch_size, progress=bar)
+        finally:
+            if hasattr(policy, "close"):
+                policy.close()
+        trace = trace.clipped(*scale)
         figures = stream_figures(trace, segments, spec)
         if isinstance(policy, RetrainLearner):
             figures["retrains"] = policy.retrains
