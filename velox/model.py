@@ -692,13 +692,14 @@ class OnlineModel:
             return Prediction([], np.empty(0), np.empty(0, dtype=bool))
         (user_key,) = normalize_ids([user], "user")
         w, P, _ = self._user_arrays(user_key)
-        if explore == "thompson":
-            rng = rng if rng is not None else self.backend.default_rng()
-            w = kernels.thompson_sample(w[None], P[None], alpha, rng)[0]
-        ranking = kernels.scores(w[None], f)[0]
-        if explore == "ucb":
-            ranking = ranking + alpha * kernels.ucb_bonus(P[None], f)[0]
-        scores = scores + self.backend.to_numpy(ranking)
+        with np.errstate(over="ignore", invalid="ignore"):  # an overflow is refused below
+            if explore == "thompson":
+                rng = rng if rng is not None else self.backend.default_rng()
+                w = kernels.thompson_sample(w[None], P[None], alpha, rng)[0]
+            ranking = kernels.scores(w[None], f)[0]
+            if explore == "ucb":
+                ranking = ranking + alpha * kernels.ucb_bonus(P[None], f)[0]
+            scores = scores + self.backend.to_numpy(ranking)
         if not np.isfinite(scores).all():
             raise InputError(
                 f"alpha {alpha:g} makes the exploration scores overflow; use a smaller alpha"
