@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,8 @@ from feature_store.layout import DataLayout
 from feature_store.offline import OfflineStore
 from feature_store.online import OnlineStore
 from feature_store.registry import ModelRegistry
+from feature_store.retention import holds
+from velox.config import RegistryConfig
 from velox.errors import DataError
 
 MANIFEST = "BACKUP.json"
@@ -117,17 +120,29 @@ def read_manifest(source: Path) -> dict[str, Any]:
     return {**manifest, "last_seq": last_seq}
 
 
-def summarize(layout: DataLayout, store: OnlineStore | None = None) -> dict[str, Any]:
-    """What the data folder holds: log positions, counts, watermarks, model versions."""
+def summarize(
+    layout: DataLayout, store: OnlineStore | None = None, keep: int = RegistryConfig().keep
+) -> dict[str, Any]:
+    """What the data folder holds: log extent and what holds it back, counts, model versions.
+
+    ``keep`` is ``registry.keep``: which versions hold the log back.
+    """
     out: dict[str, Any] = {}
     if store is None and layout.online.is_dir():
         with OnlineStore(layout.online, read_only=True) as view:
-            return summarize(layout, view)
+            return summarize(layout, view, keep)
     if store is not None:
         counts = store.counts()
+        extent = store.log_extent()
+        found = holds(store, layout, keep)
         out.update(
             last_seq=store.last_seq,
             checkpoint_seq=store.checkpoint_seq,
+            log_first=extent.first,
+            log_bytes=extent.bytes,
+            held_by=found.holder,
+            held_at=found.floor,
+            holds=asdict(found),
             users_estimate=counts["users"],
             folded_in_items_estimate=counts["items"],
         )

@@ -1,8 +1,9 @@
-"""``velox store``: inspect, back up, restore and forget, on a stopped or running server.
+"""``velox store``: inspect, back up, restore, forget and trim, on a stopped or running server.
 
 Registered as a ``velox.commands`` entry point (see :mod:`velox.cli`).
-``inspect`` works next to a running server (a read-only view); ``backup``,
-``restore`` and ``forget`` need the store to themselves and say so when a
+``inspect`` works next to a running server (a read-only view) and shows the
+log's extent and what holds it back; ``backup``, ``restore``, ``forget`` and
+``trim`` need the store to themselves and say so when a
 server holds it (``DELETE /users/{id}`` forgets on a running one). ``forget``
 takes the server's path: it opens the active version and calls
 :meth:`~feature_store.durable.DurableModel.delete_user`.
@@ -16,6 +17,8 @@ from typing import Any
 
 from feature_store.backup import backup, restore, summarize
 from feature_store.layout import DataLayout
+from feature_store.online import OnlineStore
+from feature_store.retention import trim
 from feature_store.versions import open_active
 from velox.backend import CPU
 from velox.config import VeloxConfig
@@ -43,13 +46,19 @@ def register(commands: argparse._SubParsersAction) -> None:
     )
     forget.add_argument("user", help="user id")
     forget.set_defaults(handler=_forget)
+    trim = actions.add_parser(
+        "trim",
+        help="retention: drop log records that are exported, checkpointed and older than every "
+        "version kept (registry.keep), and expired idempotency receipts",
+    )
+    trim.set_defaults(handler=_trim)
 
 
 def _inspect(args: argparse.Namespace, config: VeloxConfig) -> None:
     layout = DataLayout.from_config(config)
     if not any(path.is_dir() for path in layout.parts.values()):
         raise DataError(f"no Velox store in data folder {layout.root}; check data.dir")
-    summary = summarize(layout)
+    summary = summarize(layout, keep=config.registry.keep)
     if args.json:
         print(json.dumps({"data": str(layout.root), **summary}, indent=2))
         return
@@ -59,10 +68,14 @@ def _inspect(args: argparse.Namespace, config: VeloxConfig) -> None:
 def _describe(layout: DataLayout, summary: dict[str, Any]) -> str:
     lines = [f"data folder       {layout.root}"]
     if "last_seq" in summary:
+        first = summary["log_first"]
+        extent = "empty" if first is None else f"seq {first} .. {summary['last_seq']}"
         lines.append(
-            f"online log        last sequence {summary['last_seq']}, "
+            f"online log        {extent}, {summary['log_bytes']} bytes, "
             f"checkpoint at {summary['checkpoint_seq']}"
         )
+        held = ", ".join(f"{k} {v}" for k, v in summary["holds"].items() if v is not None)
+        lines.append(f"log held back by  {summary['held_by']} at seq {summary['held_at']} ({held})")
         lines.append(
             f"online states     ~{summary['users_estimate']} users, "
             f"~{summary['folded_in_items_estimate']} folded-in items"
@@ -92,11 +105,30 @@ def _restore(args: argparse.Namespace, config: VeloxConfig) -> None:
     print(f"restored {args.dir} into {layout.root}{moved}")
 
 
-def _forget(args: argparse.Namespace, config: VeloxConfig) -> None:
-    """The server's path: the active version's durable model forgets (checkpoint first)."""
+def _online(config: VeloxConfig) -> DataLayout:
+    """The data folder, which must hold an online store."""
     layout = DataLayout.from_config(config)
     if not layout.online.is_dir():
         raise DataError(f"no Velox store in data folder {layout.root}; check data.dir")
+    return layout
+
+
+def _trim(args: argparse.Namespace, config: VeloxConfig) -> None:
+    """Retention on a stopped server's store (a running one trims through DurableModel.trim)."""
+    layout = _online(config)
+    with OnlineStore(layout.online) as store:
+        done = trim(store, layout, config.registry.keep, config.serve.idempotency_ttl)
+        extent = store.log_extent()
+    print(
+        f"log trimmed before seq {done.log_start} (held by {done.holds.holder} at "
+        f"{done.holds.floor}); it now holds {extent.bytes} bytes; "
+        f"{done.receipts_expired} idempotency receipts expired"
+    )
+
+
+def _forget(args: argparse.Namespace, config: VeloxConfig) -> None:
+    """The server's path: the active version's durable model forgets (checkpoint first)."""
+    _online(config)
     durable, _ = open_active(config, CPU)
     with durable:
         gone = durable.delete_user(args.user)

@@ -72,6 +72,7 @@ from feature_store.layout import DataLayout
 from feature_store.offline import OfflineStore
 from feature_store.online import OnlineStore, Receipt
 from feature_store.registry import ModelRegistry
+from feature_store.retention import Trimmed, trim
 from velox.config import StoreConfig
 from velox.errors import DataError, InputError
 from velox.model import Applied, OnlineModel, Prediction, UserState, normalize_ids
@@ -441,6 +442,16 @@ class DurableModel:
         if layout is not None and layout.registry.is_dir():
             registry = ModelRegistry(layout.registry).forget_users({key})
         return Forgotten(len(records), offline, registry)
+
+    def trim(self, keep: int, receipt_ttl: float) -> Trimmed:
+        """One retention pass (:func:`feature_store.retention.trim`) while serving goes on.
+
+        Checkpoints first, so the checkpoint watermark holds the log back as
+        little as it can; ``keep`` is ``registry.keep``, ``receipt_ttl``
+        ``serve.idempotency_ttl``.
+        """
+        self.flush()
+        return trim(self.store, DataLayout.around(self.store.path), keep, receipt_ttl)
 
     # ------------------------------------------------------------ write-back
 

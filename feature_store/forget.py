@@ -23,7 +23,7 @@ from collections.abc import Sequence
 
 import rocksdict
 
-from feature_store.keyspace import ABOVE_UTF8, COLUMN_FAMILIES, seq_key, user_prefix
+from feature_store.keyspace import ABOVE_UTF8, seq_key, user_prefix
 from feature_store.log import NEXT_SEQ_KEY
 from feature_store.rated import RatedIndex
 
@@ -40,12 +40,15 @@ class Forgetting(RatedIndex):
         """Delete a user's state, log records and rated keys in one synced write.
 
         Returns the sequence numbers of the log records deleted; pass them to
-        :meth:`erase` to remove their traces from the files.
+        :meth:`erase` to remove their traces from the files. The rated index
+        also names records retention trimmed (it keeps every pair): those
+        are gone already and not counted.
         """
         self._check_writable()
         batch = rocksdict.WriteBatch(raw_mode=True)
         with self._lock:
-            records = self.user_records(user)
+            start = self.log_start
+            records = [seq for seq in self.user_records(user) if seq >= start]
             for seq in records:
                 batch.delete(seq_key(seq), self._handles["log"])
             batch.delete(user.encode(), self._handles["users"])
@@ -54,6 +57,7 @@ class Forgetting(RatedIndex):
             batch.put(self._tombstone(user), seq_key(self._next_seq), self._handles["forgotten"])
             batch.put(NEXT_SEQ_KEY, seq_key(self._next_seq), self._handles["meta"])
             self._db.write(batch, self._sync)
+            self._forgets += 1
         return records
 
     def erase(self, user: str, records: Sequence[int]) -> None:
@@ -77,8 +81,7 @@ class Forgetting(RatedIndex):
         self._cf["rated"].compact_range(prefix, prefix + ABOVE_UTF8, options)
         self._cf["users"].compact_range(user.encode(), user.encode(), options)
         self._cf["meta"].put(_ERASED_KEY, seq_key(len(records)))  # so the flush has a file
-        for family in COLUMN_FAMILIES:
-            self._cf[family].flush()
+        self._flush_families()
 
     def forgotten(self, users: Sequence[str], *, before: int | None = None) -> set[str]:
         """Which of ``users`` were deleted with :meth:`delete_user`.

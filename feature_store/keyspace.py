@@ -17,9 +17,10 @@ named after it):
   of the deletion (:mod:`feature_store.forget`);
 * ``meta``: the store's format, the online biases, the checkpoint watermark
   and the install marker (:mod:`feature_store.checkpoints`), the next
-  sequence number and the durable watermark (:mod:`feature_store.log`), the
-  idempotency receipts (:mod:`feature_store.receipts`) and the secret of the
-  tombstones' hash (:mod:`feature_store.forget`).
+  sequence number and the durable watermark (:mod:`feature_store.log`), where
+  the trimmed log starts (:mod:`feature_store.retention`), the idempotency
+  receipts (:mod:`feature_store.receipts`) and the secret of the tombstones'
+  hash (:mod:`feature_store.forget`).
 
 :class:`StoreParts` declares what every part shares: the one database
 handle, its column families and the commit lock, all owned by
@@ -38,10 +39,12 @@ import rocksdict
 from feature_store.codec import Observation, decode_observation
 from velox.errors import DataError
 
-STORE_FORMAT = 2
-"""The key layout's version (1: rated pairs without sequence numbers, tombstones by id)."""
+STORE_FORMAT = 3
+"""The key layout's version (1: rated pairs without sequence numbers, tombstones by id;
+2: receipts without the time they were written)."""
 COLUMN_FAMILIES = ("log", "users", "items", "rated", "forgotten", "meta")
 STATE_FAMILIES = ("users", "items")
+LOG_START_KEY = b"log_start"  # in meta: retention trimmed the log before this sequence number
 ABOVE_UTF8 = b"\xff"  # no UTF-8 key starts with 0xff, so [b"", this) spans a family
 
 
@@ -113,6 +116,20 @@ class StoreParts:
     """Serialises log writes: sequence numbers are handed out under it."""
     _sync: rocksdict.WriteOptions
     _next_seq: int
+    _forgets: int
+    """How many users were forgotten since the store opened (a trim checks it did not move)."""
+
+    @property
+    def log_start(self) -> int:
+        """The first sequence number the log may hold: retention trimmed every one before it."""
+        stored = self._cf["meta"].get(LOG_START_KEY)
+        return int.from_bytes(stored, "big") if stored is not None else 1
+
+    def _flush_families(self) -> None:
+        """Flush every memtable: RocksDB then deletes the write-ahead logs they kept alive
+        (the ``meta`` family, written by every commit, keeps each one alive until then)."""
+        for family in COLUMN_FAMILIES:
+            self._cf[family].flush()
 
     def _check_writable(self) -> None:
         if self.read_only:

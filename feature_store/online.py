@@ -10,6 +10,7 @@ store is assembled from:
 * :mod:`feature_store.checkpoints`: state checkpoints, biases, the install marker;
 * :mod:`feature_store.rated`: the rated-pair index (what top-K excludes);
 * :mod:`feature_store.receipts`: idempotency receipts;
+* :mod:`feature_store.retention`: trimming the log, and what holds it back;
 * :mod:`feature_store.forget`: deleting a user and the tombstone that keeps it final;
 * :mod:`feature_store.log_reader`: :class:`LogReader`, another process's view of the log.
 
@@ -23,6 +24,7 @@ import fcntl
 import os
 import struct
 import threading
+import time
 from pathlib import Path
 
 import rocksdict
@@ -34,6 +36,7 @@ from feature_store.log import ObservationLog
 from feature_store.log_reader import LogReader
 from feature_store.rated import RatedIndex
 from feature_store.receipts import Receipt, Receipts
+from feature_store.retention import Retention
 from velox.errors import DataError
 
 __all__ = ["LogReader", "OnlineStore", "Receipt"]
@@ -53,15 +56,20 @@ def open_options() -> rocksdict.Options:
     appended history would keep the ids of forgotten users that once bounded
     a file. The list is small (a few KB), and changes are rare (one per
     memtable flush or compaction).
+
+    RocksDB's own diagnostic log (``LOG``) is kept to two files of at most
+    1 MB, so the store's size on disk stays bounded once retention trims it.
     """
     options = rocksdict.Options(raw_mode=True)
     options.create_if_missing(True)
     options.create_missing_column_families(True)
     options.set_max_manifest_file_size(1)
+    options.set_max_log_file_size(1 << 20)
+    options.set_keep_log_file_num(2)
     return options
 
 
-class OnlineStore(ObservationLog, Checkpoints, Forgetting, RatedIndex, Receipts):
+class OnlineStore(ObservationLog, Checkpoints, Forgetting, RatedIndex, Receipts, Retention):
     """Durable observation log and user-state checkpoints in RocksDB."""
 
     def __init__(self, path: str | Path, *, read_only: bool = False) -> None:
@@ -89,6 +97,7 @@ class OnlineStore(ObservationLog, Checkpoints, Forgetting, RatedIndex, Receipts)
         self._cf = {name: self._db.get_column_family(name) for name in COLUMN_FAMILIES}
         self._handles = {name: self._db.get_column_family_handle(name) for name in COLUMN_FAMILIES}
         self._lock = threading.Lock()
+        self._forgets = 0
         self._sync = rocksdict.WriteOptions()
         self._sync.sync = True
         try:
@@ -139,17 +148,21 @@ class OnlineStore(ObservationLog, Checkpoints, Forgetting, RatedIndex, Receipts)
                 f"reads up to {STORE_FORMAT}); upgrade Velox"
             )
         if stored[0] < STORE_FORMAT and not self.read_only:
-            self._upgrade()
+            self._upgrade(stored[0])
 
-    def _upgrade(self) -> None:
-        """Bring a store of the first format to this one, in one synced write (once).
+    def _upgrade(self, found: int) -> None:
+        """Bring a store of an earlier format to this one, in one synced write (once).
 
-        Its rated index had no sequence numbers (it is rebuilt from the log)
-        and its tombstones held the ids (they are re-keyed by their hash).
+        The first format's rated index had no sequence numbers (it is rebuilt
+        from the log) and its tombstones held the ids (they are re-keyed by
+        their hash). Receipts before the third had no time: they count as
+        written now, so they expire one ``serve.idempotency_ttl`` from now.
         """
         batch = rocksdict.WriteBatch(raw_mode=True)
-        self._rebuild_rated(batch)
-        self._hash_tombstones(batch)
+        if found < 2:
+            self._rebuild_rated(batch)
+            self._hash_tombstones(batch)
+        self._time_receipts(batch, time.time())
         batch.put(_FORMAT_KEY, bytes([STORE_FORMAT]), self._handles["meta"])
         self._db.write(batch, self._sync)
 

@@ -4,6 +4,9 @@ Written with the log, in the same batch. Its keys are
 :func:`~feature_store.keyspace.user_prefix` + item + sequence number, so one
 prefix scan finds what a user rated (what top-K excludes) and exactly which
 log records are theirs (what forgetting deletes), without reading the log.
+Retention (:mod:`feature_store.retention`) folds the pairs of the records it
+trims into one key per pair with sequence number 0: still excluded, and
+forgetting still deletes them, but no log record is theirs any more.
 """
 
 from __future__ import annotations

@@ -81,6 +81,12 @@ def serve_version(
             store.path,
             covered,
         )
+    if store.log_start > covered + 1:
+        raise DataError(
+            f"installing {version.name} needs the log from seq {covered + 1}, but retention "
+            f"trimmed it before seq {store.log_start}; activate a newer version (velox store "
+            "trim keeps the active one and the registry.keep newest ready ones installable)"
+        )
     forgotten = store.forgotten(artifacts.user_ids, before=covered)
     users = trained_users(artifacts, covered, forgotten)
     return DurableModel.install(model, store, users, covered, config.store)

@@ -21,7 +21,7 @@ from feature_store.offline import DEAD_LETTERS, OfflineStore, log_rows
 from feature_store.online import OnlineStore
 from feature_store.registry import ModelRegistry
 from tests.test_cli import velox
-from tests.test_store_cli import _artifacts, _durable, _with_model
+from tests.test_store_cli import _durable, _with_model, trained_artifacts
 
 USER = "forget-me-7f3a"
 OTHERS = ["ann", "bob", "cy"]
@@ -41,7 +41,7 @@ def _holders(root: Path) -> list[str]:
 def data(tmp_path) -> DataLayout:
     """A data folder where the user is in every store, on disk and in the write-ahead log."""
     layout = DataLayout(tmp_path / "data")
-    _with_model(layout, _artifacts([*OTHERS, USER], items=6))
+    _with_model(layout, trained_artifacts([*OTHERS, USER], items=6))
     rng = np.random.default_rng(1)
     for session in range(2):  # reopening moves the first session's log into table files
         with _durable(layout) as durable:

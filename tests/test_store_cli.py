@@ -1,4 +1,4 @@
-"""``velox store``: inspect, backup, restore and forget, run as a user runs them."""
+"""``velox store``: inspect, backup, restore, forget and trim, run as a user runs them."""
 
 from __future__ import annotations
 
@@ -21,7 +21,8 @@ from velox.trained import TrainedModel
 TRAINED = ["a", "bob", "c"]
 
 
-def _artifacts(users: list[str], items: int = 2, d: int = 4) -> TrainedModel:
+def trained_artifacts(users: list[str], items: int = 2, d: int = 4) -> TrainedModel:
+    """A small trained version of ``users`` (random statistics), to register."""
     rng = np.random.default_rng(0)
     M = rng.normal(size=(len(users), d, d))
     return TrainedModel(
@@ -57,7 +58,7 @@ def _durable(layout: DataLayout) -> DurableModel:
 def data(tmp_path) -> DataLayout:
     """A data folder with a model, logged observations, checkpoints and offline rows."""
     layout = DataLayout(tmp_path / "data")
-    _with_model(layout, _artifacts(TRAINED))
+    _with_model(layout, trained_artifacts(TRAINED))
     durable = _durable(layout)
     rng = np.random.default_rng(4)
     for day in range(3):
@@ -94,7 +95,34 @@ def test_inspect_reports_positions_counts_and_versions_even_next_to_a_server(dat
     assert summary["last_seq"] == 60 and summary["checkpoint_seq"] == 60
     assert summary["offline_watermark"] == 60 and len(summary["offline_days"]) == 3
     assert [(v["version"], v["state"]) for v in summary["versions"]] == [("v1", "active")]
-    assert "last sequence 60" in text.stdout and "validation_rmse=0.9000" in text.stdout
+    assert summary["log_first"] == 1 and summary["log_bytes"] > 0
+    # v1 was trained on no log (watermark 0): rolling back to it needs the whole log.
+    assert (summary["held_by"], summary["held_at"]) == ("versions", 0)
+    assert summary["holds"] == {"exported": 60, "checkpoint": 60, "versions": 0}
+    assert "seq 1 .. 60" in text.stdout and "validation_rmse=0.9000" in text.stdout
+    assert "held back by  versions at seq 0 (exported 60, checkpoint 60, versions 0)" in text.stdout
+
+
+def test_trim_drops_what_no_version_export_or_recovery_needs(data):
+    registry = ModelRegistry(data.registry)
+    with registry.building(engine="velox", watermark=40) as version:
+        registry.write_artifacts(version.number, trained_artifacts(TRAINED))
+        registry.mark_ready(version.number)
+    registry.activate(version.number)
+    before = _everything(data)
+    kept = velox("--set", f"data.dir={data.root}", "--set", "registry.keep=1", "store", "trim")
+    assert kept.returncode == 0, kept.stderr
+    assert "log trimmed before seq 1 (held by versions at 0)" in kept.stdout  # v1 is kept
+    assert _everything(data) == before
+    registry.retain(keep=1)  # v1 retired: no longer one to roll back to
+    done = _store(data, "trim")
+    assert done.returncode == 0, done.stderr
+    assert "log trimmed before seq 41 (held by versions at 40)" in done.stdout
+    with OnlineStore(data.online, read_only=True) as store:
+        assert list(store.log_after(0)) == before["log"][40:]
+        assert store.rated("ann") == {o.item for _, o in before["log"] if o.user == "ann"}
+    summary = json.loads(_store(data, "inspect", "--json").stdout)
+    assert summary["log_first"] == 41
 
 
 def test_backup_then_restore_brings_every_store_back(data, tmp_path):
@@ -136,6 +164,7 @@ def test_restore_over_a_store_needs_replace_and_moves_the_old_one_aside(data, tm
         ("none", ("backup", "{tmp}/existing"), "already exists"),
         ("none", ("restore", "{tmp}/existing"), "is not a Velox backup"),
         ("held", ("forget", "ann"), "in use by another process"),
+        ("held", ("trim",), "in use by another process"),
     ],
 )
 def test_store_commands_refuse_clearly_and_change_nothing(data, tmp_path, setup, args, message):
