@@ -195,6 +195,13 @@ def check_id(value: Id, what: str, limits: ServeConfig) -> str:
     text = str(value)
     if "\0" in text:
         raise RequestError(422, "validation_error", f"{what} ids must not contain NUL characters")
+    if not text.isascii():  # (an undecodable header or path keeps its bytes as lone surrogates)
+        try:
+            text.encode()
+        except UnicodeEncodeError:
+            raise RequestError(
+                422, "validation_error", f"{what} ids must be valid UTF-8 text"
+            ) from None
     if not text or len(text) > limits.max_id_length:
         raise RequestError(
             422,

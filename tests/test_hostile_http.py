@@ -220,6 +220,15 @@ def test_an_undecodable_authorization_header_is_401_on_every_authenticated_route
     _calm(log)
 
 
+def test_an_undecodable_idempotency_key_is_422(served, log):
+    body = b'{"user": "u1", "item": "i1", "rating": 3}'
+    raw = request("POST", "/observe", _bearer("write"), "Idempotency-Key: \xff", body=body)
+    answer = exchange(served.port, raw)
+    assert (answer.status, answer.error()["error"]) == (422, "validation_error")
+    assert "UTF-8" in answer.error()["message"]
+    _calm(log)
+
+
 @pytest.mark.parametrize("scheme", ["bearer", "BEARER", "Bearer"])
 def test_the_bearer_scheme_is_case_insensitive(served, scheme):
     response = requests.get(
