@@ -289,3 +289,22 @@ def test_a_checkpoint_never_holds_effects_of_a_failed_commit(tmp_path, monkeypat
     counts = reopened.statistics(sorted(set(batch[0])))[2]
     assert counts.sum() == 17  # only what the log holds
     reopened.close()
+
+
+def _wal_bytes(path) -> int:
+    return sum(f.stat().st_size for f in path.glob("*.log"))
+
+
+def test_a_checkpoint_writes_its_user_states_past_the_write_ahead_log(tmp_path):
+    """What the next commit's fsync must write: the WAL grows by the watermark's write only,
+    not by the states (over 1,500 users of rank 3, about 200 KB), and they are in table files."""
+    path = tmp_path / "db"
+    durable = _open(path)
+    for batch in _batches(100, users=2000, size=40):
+        durable.observe(*batch)
+    wal = _wal_bytes(path)
+    users = durable.flush()
+    assert users > 1500 and durable.store.checkpoint_seq == 4000
+    assert _wal_bytes(path) - wal < 2_000  # item states, biases and the watermark
+    assert durable.store._cf["users"].property_int_value("rocksdb.total-sst-files-size") > 100_000
+    durable.close()

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import struct
 import subprocess
 import sys
 import textwrap
+import time
 
 import numpy as np
 import pytest
@@ -193,3 +195,19 @@ def test_a_store_of_the_first_format_is_upgraded_once_on_opening(tmp_path):
         assert store.rated("u1") == {"i1", "i3"} and store.user_records("u1") == [1, 3]
         assert store.forgotten(["gone", "u1"]) == {"gone"}
         assert b"gone" not in list(store._cf["forgotten"].keys())  # keyed by its hash now
+
+
+def test_receipts_of_the_second_format_get_the_upgrades_time_and_expire_from_it(tmp_path):
+    path = tmp_path / "db"
+    with OnlineStore(path) as store:
+        meta = store._cf["meta"]
+        meta[b"request\0k1"] = struct.pack(">QI", 7, 3) + b"d" * 16  # what format 2 wrote
+        meta[b"format_version"] = bytes([2])
+        del meta
+    before = time.time()
+    with OnlineStore(path) as store:
+        receipt = store.receipt("k1")
+        assert (receipt.first, receipt.count, receipt.digest) == (7, 3, b"d" * 16)
+        assert before <= receipt.written <= time.time()
+        assert store.expire_receipts(receipt.written) == 0
+        assert store.expire_receipts(receipt.written + 1) == 1 and store.receipt("k1") is None
