@@ -23,7 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from schemathesis import GenerationMode
 
 from serving.openapi import openapi_document
-from tests.test_hostile_http import Answer, read_answer, request
+from tests.test_hostile_http import OBSERVATION, Answer, read_answer, request
 from tests.test_serve_process import Server
 from tests.test_serving import _publish
 
@@ -68,7 +68,6 @@ def test_no_5xx_and_rejected_requests_change_nothing(case, live):
 
 # ------------------------------------------------------------------ raw bytes
 
-OBSERVATION = b'{"user": "u1", "item": "i1", "rating": 3}'
 AUTH = "Authorization: Bearer w"
 WAIT = 2.0
 """Seconds a request may go unanswered: the server waits for the rest of one left incomplete."""

@@ -31,6 +31,7 @@ from tests.test_serving import _config, _publish
 from velox.errors import InputError
 
 TOKENS = {"read": "r", "write": "w", "admin": "a"}
+OBSERVATION = b'{"user": "u1", "item": "i1", "rating": 3}'
 
 
 @dataclass(frozen=True)
@@ -146,6 +147,12 @@ def _bearer(scope: str) -> str:
     return f"Authorization: Bearer {TOKENS[scope]}"
 
 
+def _observe_with(served: Served, header: str, body: bytes = OBSERVATION) -> tuple[int, dict]:
+    """POST /observe with the write token and ``header``: the status and the JSON error."""
+    answer = exchange(served.port, request("POST", "/observe", _bearer("write"), header, body=body))
+    return answer.status, answer.error()
+
+
 LONG = "k" * 10_000
 MALFORMED_CASES = {
     "bad chunk size": (
@@ -191,22 +198,17 @@ def test_a_flood_of_malformed_requests_logs_one_line_and_counts_every_one(served
 
 @pytest.mark.parametrize("encoding", ["gzip", "deflate"])
 def test_a_body_that_does_not_decompress_is_a_400(served, log, encoding):
-    valid = zlib.compress(b'{"user": "u1", "item": "i1", "rating": 3}')
+    valid = zlib.compress(OBSERVATION)
     broken = valid[:2] + bytes(b ^ 0xFF for b in valid[2:])  # gzip: no gzip header at all
-    raw = request(
-        "POST", "/observe", _bearer("write"), f"Content-Encoding: {encoding}", body=broken
-    )
-    answer = exchange(served.port, raw)
-    assert (answer.status, answer.error()["error"]) == (400, "bad_encoding")
+    status, error = _observe_with(served, f"Content-Encoding: {encoding}", broken)
+    assert (status, error["error"]) == (400, "bad_encoding")
     _calm(log)
 
 
 def test_an_unknown_content_encoding_is_415_not_read_as_plain(served, log):
-    body = b'{"user": "u1", "item": "i1", "rating": 3}'
-    raw = request("POST", "/observe", _bearer("write"), "Content-Encoding: foo", body=body)
-    answer = exchange(served.port, raw)
-    assert (answer.status, answer.error()["error"]) == (415, "unsupported_encoding")
-    assert "foo" in answer.error()["message"]
+    status, error = _observe_with(served, "Content-Encoding: foo")
+    assert (status, error["error"]) == (415, "unsupported_encoding")
+    assert "foo" in error["message"]
 
 
 def test_an_undecodable_authorization_header_is_401_on_every_authenticated_route(served, log):
@@ -214,18 +216,17 @@ def test_an_undecodable_authorization_header_is_401_on_every_authenticated_route
     assert len(secured) >= 5
     for path, method in secured:
         target = path.replace("{user}", "u1").replace("{version}", "v1")
-        head = f"{method} {target} HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n".encode()
-        answer = exchange(served.port, head + b"Authorization: Bearer \xff\xfe\r\n\r\n{}")
+        answer = exchange(
+            served.port, request(method, target, "Authorization: Bearer \xff\xfe", body=b"{}")
+        )
         assert (answer.status, answer.error()["error"]) == (401, "unauthorized"), (path, method)
     _calm(log)
 
 
 def test_an_undecodable_idempotency_key_is_422(served, log):
-    body = b'{"user": "u1", "item": "i1", "rating": 3}'
-    raw = request("POST", "/observe", _bearer("write"), "Idempotency-Key: \xff", body=body)
-    answer = exchange(served.port, raw)
-    assert (answer.status, answer.error()["error"]) == (422, "validation_error")
-    assert "UTF-8" in answer.error()["message"]
+    status, error = _observe_with(served, "Idempotency-Key: \xff")
+    assert (status, error["error"]) == (422, "validation_error")
+    assert "UTF-8" in error["message"]
     _calm(log)
 
 
