@@ -35,7 +35,8 @@ BATCHES = (1, 16, 256)
 TARGET = 20.0
 
 
-def _model(rank: int, items: int = 2_000) -> OnlineModel:
+def synthetic_model(rank: int, items: int = 2_000) -> OnlineModel:
+    """A model version of random item features (what the store benchmarks serve)."""
     rng = np.random.default_rng(0)
     ids = [f"item{j}" for j in range(items)]
     features = MatrixFactorization(ids, rng.normal(0, 0.3, (items, rank)), version="v1")
@@ -48,7 +49,10 @@ def _model(rank: int, items: int = 2_000) -> OnlineModel:
     )
 
 
-def _stream(n: int, users: int, items: int, seed: int) -> tuple[list[str], list[str], np.ndarray]:
+def synthetic_stream(
+    n: int, users: int, items: int, seed: int
+) -> tuple[list[str], list[str], np.ndarray]:
+    """``n`` observations of uniformly drawn users and items, ratings 1 to 5."""
     rng = np.random.default_rng(seed)
     return (
         [f"user{u}" for u in rng.integers(0, users, n)],
@@ -58,8 +62,8 @@ def _stream(n: int, users: int, items: int, seed: int) -> tuple[list[str], list[
 
 
 def _applied_batches(rank: int, size: int, count: int) -> list[Applied]:
-    model = _model(rank)
-    users, items, ratings = _stream(size * count, users=5_000, items=2_000, seed=size)
+    model = synthetic_model(rank)
+    users, items, ratings = synthetic_stream(size * count, users=5_000, items=2_000, seed=size)
     return [
         model.observe_many(users[s : s + size], items[s : s + size], ratings[s : s + size])
         for s in range(0, size * count, size)
@@ -83,9 +87,9 @@ def group_commit(rank: int, repeats: int, folder: Path) -> list[dict[str, float]
 
 def recovery(n: int, rank: int, folder: Path) -> dict[str, float]:
     """Reopen time after a crash with ``n`` observations logged since the last checkpoint."""
-    users, items, ratings = _stream(n, users=50_000, items=2_000, seed=7)
+    users, items, ratings = synthetic_stream(n, users=50_000, items=2_000, seed=7)
     config = StoreConfig(cache_users=100_000, checkpoint_interval=0)
-    durable = DurableModel(_model(rank), OnlineStore(folder / "recovery"), config)
+    durable = DurableModel(synthetic_model(rank), OnlineStore(folder / "recovery"), config)
     live = 0.0
     for start in range(0, n, 1024):
         part = slice(start, start + 1024)
@@ -95,7 +99,7 @@ def recovery(n: int, rank: int, folder: Path) -> dict[str, float]:
         durable.store.commit(applied)
     durable.store.close()  # the process dies: no checkpoint is written
     began = time.perf_counter()
-    reopened = DurableModel(_model(rank), OnlineStore(folder / "recovery"), config)
+    reopened = DurableModel(synthetic_model(rank), OnlineStore(folder / "recovery"), config)
     seconds = time.perf_counter() - began
     assert reopened.recovered == n, reopened.recovered
     reopened.close()
