@@ -12,6 +12,12 @@
 Usage: ``python -m benchmarks.store [--observations 1000000] [--rank 32] [--repeats 3]
 [--check]``. Prints Markdown tables; ``--check`` exits 1 when group commit at
 batch 256 is under 20x the per-observation rate (issue 3).
+
+``--checkpoints GROUPS [--users 20000]`` measures only the latency of group
+commits (four unsynced batches of 256, one SyncWAL: the HTTP tier's commit)
+without background checkpoints and with one every 0.5 s, in the same run
+(issue 12: a checkpoint's user states no longer go through the WAL that a
+commit's fsync writes).
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ from velox.model import Applied, OnlineModel
 
 BATCHES = (1, 16, 256)
 TARGET = 20.0
+WARM_UP = 10
 
 
 def synthetic_model(rank: int, items: int = 2_000) -> OnlineModel:
@@ -106,13 +113,72 @@ def recovery(n: int, rank: int, folder: Path) -> dict[str, float]:
     return {"observations": n, "seconds": seconds, "live": live, "ratio": seconds / live}
 
 
+def checkpoint_stall(rank: int, folder: Path, groups: int, users: int) -> list[dict[str, float]]:
+    """Group-commit latency without background checkpoints and with one every 0.5 s.
+
+    A group is what the HTTP tier commits at once: four unsynced batches of
+    256, then one SyncWAL. Both runs serve the same stream in this process,
+    one after the other; a checkpoint writes every user changed since the
+    last (most of ``users`` at this rate). The first :data:`WARM_UP` groups
+    (kernel compilation, a cold cache) are not counted.
+    """
+    who, what, ratings = synthetic_stream(groups * 1024, users=users, items=2_000, seed=11)
+    rows = []
+    for interval in (0.0, 0.5):
+        config = StoreConfig(cache_users=users, checkpoint_interval=interval)
+        store = OnlineStore(folder / f"stall-{interval}")
+        durable = DurableModel(synthetic_model(rank), store, config)
+        latencies = []
+        for start in range(0, len(who), 1024):
+            began = time.perf_counter()
+            for part in range(start, start + 1024, 256):
+                batch = slice(part, part + 256)
+                durable.observe(who[batch], what[batch], ratings[batch], sync=False)
+            durable.sync_log()
+            latencies.append(time.perf_counter() - began)
+        durable.close()
+        ms = np.array(latencies[WARM_UP:]) * 1000
+        rows.append(
+            {
+                "interval": interval,
+                "p50": float(np.percentile(ms, 50)),
+                "p99": float(np.percentile(ms, 99)),
+                "max": float(ms.max()),
+                "seconds": float(ms.sum() / 1000),
+            }
+        )
+    return rows
+
+
+def _print_stall(rows: list[dict[str, float]]) -> None:
+    print("| checkpoints | groups' time s | p50 ms | p99 ms | max ms |")
+    print("|---|---|---|---|---|")
+    for row in rows:
+        every = f"every {row['interval']} s" if row["interval"] else "none"
+        print(
+            f"| {every} | {row['seconds']:.1f} | {row['p50']:.1f} | {row['p99']:.1f} | "
+            f"{row['max']:.1f} |"
+        )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--observations", type=int, default=1_000_000)
     parser.add_argument("--rank", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--check", action="store_true", help="exit 1 when a target is missed")
+    parser.add_argument(
+        "--checkpoints",
+        type=int,
+        metavar="GROUPS",
+        help="only measure GROUPS group commits without and with background checkpoints",
+    )
+    parser.add_argument("--users", type=int, default=20_000, help="users of --checkpoints")
     args = parser.parse_args(argv)
+    if args.checkpoints:
+        with tempfile.TemporaryDirectory(prefix="velox-bench-", dir=".") as scratch:
+            _print_stall(checkpoint_stall(args.rank, Path(scratch), args.checkpoints, args.users))
+        return 0
     with tempfile.TemporaryDirectory(prefix="velox-bench-", dir=".") as scratch:
         rows = group_commit(args.rank, args.repeats, Path(scratch))
         print("| batch | observations/s | per-observation synced writes/s | x baseline |")
