@@ -86,8 +86,19 @@ def iterate_log(log_family: rocksdict.Rdict, seq: int) -> Iterator[tuple[int, Ob
 
 
 def family_options() -> dict[str, rocksdict.Options]:
-    """The options of every column family (raw bytes in, raw bytes out)."""
-    return {name: rocksdict.Options(raw_mode=True) for name in COLUMN_FAMILIES}
+    """The options of every column family (raw bytes in, raw bytes out).
+
+    The state families compact as soon as a flush adds a table file: every
+    checkpoint flushes them (:mod:`feature_store.checkpoints`) with a fresh
+    copy of each state it wrote, and RocksDB's default (compact at four
+    files) would keep up to four copies of every user's state on disk.
+    """
+    options = {}
+    for name in COLUMN_FAMILIES:
+        options[name] = rocksdict.Options(raw_mode=True)
+        if name in STATE_FAMILIES:
+            options[name].set_level_zero_file_num_compaction_trigger(1)
+    return options
 
 
 def check_folder(path: Path) -> bool:
