@@ -76,7 +76,7 @@ def openapi_document() -> dict[str, Any]:
         "first answer again (header Idempotent-Replayed); another body is a 422.",
         "schema": {"type": "string", "minLength": 1},
     }
-    reads = (400, 401, 403, 413, 422, 503)
+    reads = (400, 401, 403, 413, 415, 422, 503)  # 415: a Content-Encoding not accepted
     return {
         "openapi": "3.1.0",
         "info": {"title": "Velox", "version": "1", "description": "Online personalisation."},
