@@ -29,6 +29,7 @@ from aiohttp.http_exceptions import (
     ContentEncodingError,
     HttpProcessingError,
     LineTooLong,
+    PayloadEncodingError,
 )
 from aiohttp.web_protocol import RequestHandler
 
@@ -89,8 +90,10 @@ def rejection(exc: BaseException | None, status: int) -> Problem:
         )
     if isinstance(exc, BadStatusLine):  # (an unknown method too)
         return 400, "bad_request", f"the request line is not HTTP ({first_line(exc)})"
-    if isinstance(exc, HttpProcessingError):
+    if isinstance(exc, PayloadEncodingError):
         return payload_problem(exc)
+    if isinstance(exc, HttpProcessingError):  # (the C parser raises even bad chunks as these)
+        return 400, "bad_request", f"the request is malformed ({first_line(exc)})"
     if status >= 500:
         return status, "internal", "an unexpected error occurred; see the server log"
     return status, "bad_request", "the request is not valid HTTP"
