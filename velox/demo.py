@@ -2,8 +2,9 @@
 
 Trains biased ALS on the first half of a synthetic stream, then runs the
 second half prequentially three ways: the trained model frozen (what a batch
-trainer plus a key-value store gives), Velox's exact online updates, and the
-same with a forgetting factor. The windows show the frozen model decaying as
+trainer plus a key-value store gives), Velox's exact online updates with the
+configured forgetting factor (``model.forgetting``), and the same without
+forgetting. The windows show the frozen model decaying as
 tastes drift while the online one keeps up.
 """
 
@@ -39,8 +40,8 @@ def run_demo(config: VeloxConfig, spec: SyntheticSpec, emit: Callable[[str], Non
     )
     variants = {
         "frozen model": (config.model, False),
-        "online (Velox)": (config.model, True),
-        "online, forgetting 0.995": (dataclasses.replace(config.model, forgetting=0.995), True),
+        f"online (Velox, forgetting {config.model.forgetting:g})": (config.model, True),
+        "online, no forgetting": (dataclasses.replace(config.model, forgetting=1.0), True),
     }
     reports = {}
     for label, (model_config, learn) in variants.items():
