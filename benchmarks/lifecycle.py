@@ -11,8 +11,10 @@ observations and is killed with SIGKILL. The next writer's recovery is
 timed (it replays what the last checkpoint did not cover), and it carries on.
 
 Per round it prints the online store's size on disk at its peak (the
-round's records logged and exported, before the trim) and after the trim,
-the log's extent, and the recovery time. ``--check`` exits 1 when a later
+round's records logged and exported, before the trim) and after the trim
+(with the table files of the user states and of the rated index, which
+grows with the distinct (user, item) pairs), the log's extent, and the
+recovery time. ``--check`` exits 1 when a later
 peak is over 1.5x the first (issue 12).
 
 Usage: ``python -m benchmarks.lifecycle [--observations 2000000] [--every 200000]
@@ -70,7 +72,17 @@ def writer(args: argparse.Namespace) -> None:
     _say({"logged": durable.store.last_seq})
     sys.stdin.readline()  # the export ran
     done = durable.trim(RegistryConfig().keep, ServeConfig().idempotency_ttl)
-    _say({"log_start": done.log_start, "holder": done.holds.holder})
+    families = {name: durable.store._cf[name] for name in ("users", "rated")}
+    _say(
+        {
+            "log_start": done.log_start,
+            "holder": done.holds.holder,
+            **{
+                name: family.property_int_value("rocksdb.total-sst-files-size")
+                for name, family in families.items()
+            },
+        }
+    )
     sys.stdin.readline()  # the size was measured
     _serve(durable, args.tail, seed + 1, args.users, args.items)
     _say({"tail": durable.store.last_seq})
@@ -120,6 +132,8 @@ def _round(args: argparse.Namespace, data: Path, number: int) -> dict[str, float
         "export_s": export,
         "peak_mb": peak / 1e6,
         "after_mb": after / 1e6,
+        "users_mb": trimmed["users"] / 1e6,
+        "rated_mb": trimmed["rated"] / 1e6,
         "log_start": trimmed["log_start"],
         "holder": trimmed["holder"],
     }
@@ -143,9 +157,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     print(
         "| round | logged up to | recovered records | recovery s | export s | "
-        "peak MB | after trim MB | log starts at | held by |"
+        "peak MB | after trim MB | users MB | rated MB | log starts at | held by |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     rows = []
     with tempfile.TemporaryDirectory(prefix="velox-lifecycle-", dir=".") as scratch:
         for number in range(args.observations // args.every):
@@ -154,7 +168,8 @@ def main(argv: list[str] | None = None) -> int:
             print(
                 f"| {row['round']} | {row['logged']:,} | {row['recovered']:,} | "
                 f"{row['recovery_s']:.2f} | {row['export_s']:.1f} | {row['peak_mb']:.1f} | "
-                f"{row['after_mb']:.1f} | {row['log_start']:,} | {row['holder']} |",
+                f"{row['after_mb']:.1f} | {row['users_mb']:.1f} | {row['rated_mb']:.1f} | "
+                f"{row['log_start']:,} | {row['holder']} |",
                 flush=True,
             )
     worst = max(row["peak_mb"] for row in rows) / rows[0]["peak_mb"]
