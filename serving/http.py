@@ -16,7 +16,7 @@ import time
 from collections.abc import Awaitable, Callable
 
 import msgspec
-from aiohttp import web
+from aiohttp import HttpVersion11, web
 from aiohttp.http_exceptions import ContentEncodingError, DecompressSizeError, HttpProcessingError
 
 from feature_store.durable import Busy, Replaced, Unavailable
@@ -157,6 +157,21 @@ def _authorize(request: web.Request, scope: str, limits: ServeConfig) -> None:
         raise RequestError(403, "forbidden", f"this route needs a token with {scope} access")
 
 
+async def expect_continue(request: web.Request) -> web.Response | None:
+    """``Expect: 100-continue`` answered as aiohttp does; another expectation is a JSON 417.
+
+    (aiohttp's own handler raises a text/plain 417 that no endpoint sees.)
+    """
+    if request.headers.get("Expect", "").lower() != "100-continue":
+        return error_response(
+            417, "expectation_failed", "the only Expect this server meets is 100-continue"
+        )
+    if request.version == HttpVersion11:
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        request.writer.output_size = 0  # the answer proper has not begun
+    return None
+
+
 async def _not_found(request: web.Request) -> web.Response:
     return error_response(404, "not_found", f"no route {request.path}; see /openapi.json")
 
@@ -187,7 +202,9 @@ def add_routes(router: web.UrlDispatcher, routes: list[Route]) -> None:
                 methods = [method, "HEAD"] if method == "GET" else [method]
                 wrapped = endpoint(path, handler, scope)
                 for each in methods:
-                    router.add_route(each, path, wrapped)
+                    router.add_route(each, path, wrapped, expect_handler=expect_continue)
                 allowed += methods
-        router.add_route("*", path, endpoint(path, _wrong_method(allowed), None))
-    router.add_route("*", "/{tail:.*}", endpoint("unmatched", _not_found, None))
+        wrong = endpoint(path, _wrong_method(allowed), None)
+        router.add_route("*", path, wrong, expect_handler=expect_continue)
+    unmatched = endpoint("unmatched", _not_found, None)
+    router.add_route("*", "/{tail:.*}", unmatched, expect_handler=expect_continue)

@@ -99,6 +99,8 @@ HEADERS = [
     "X-Long: " + "v" * 9_000,
     "Host: a\r\nHost: b",
     "Connection: upgrade\r\nUpgrade: websocket",
+    "Expect: foo",
+    "Transfer-Encoding: foo",
 ]
 CHUNKED = [
     b"zz\r\n{}\r\n0\r\n\r\n",

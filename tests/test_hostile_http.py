@@ -230,6 +230,20 @@ def test_an_undecodable_idempotency_key_is_422(served, log):
     _calm(log)
 
 
+def test_an_unknown_expectation_is_a_json_417_and_100_continue_still_works(served, log):
+    body = b'{"user": "u1", "items": ["i1"]}'
+    raw = request("POST", "/predict", _bearer("read"), "Expect: foo", body=body)
+    answer = exchange(served.port, raw)
+    assert (answer.status, answer.error()["error"]) == (417, "expectation_failed")
+    raw = request("POST", "/predict", _bearer("read"), "Expect: 100-continue", body=body)
+    with socket.create_connection(("127.0.0.1", served.port), timeout=30) as sock:
+        sock.sendall(raw[: -len(body)])
+        assert read_answer(sock).status == 100
+        sock.sendall(body)
+        assert read_answer(sock).status == 200
+    _calm(log)
+
+
 @pytest.mark.parametrize("scheme", ["bearer", "BEARER", "Bearer"])
 def test_the_bearer_scheme_is_case_insensitive(served, scheme):
     response = requests.get(
