@@ -69,8 +69,9 @@ def test_no_5xx_and_rejected_requests_change_nothing(case, live):
 # ------------------------------------------------------------------ raw bytes
 
 AUTH = "Authorization: Bearer w"
-WAIT = 2.0
-"""Seconds a request may go unanswered: the server waits for the rest of one left incomplete."""
+WAIT = 30.0
+"""A bound, never reached by these cases, on the wait for an answer (a server waits for the
+rest of a request left incomplete)."""
 METHODS = ["GET", "POST", "FOO", "get", "G\x00T", "", "\x16\x03\x01\x02\x00", "DELETE"]
 TARGETS = ["/observe", "/", "*", "//", "/%zz", "/users/\xff\xfe", "/users/%ff", "/users/u?\x7f"]
 VERSIONS = ["HTTP/1.1", "HTTP/1.0", "HTTP/2.0", "HTTP/1.1x", "HTTP/", "", "HTTP/1.1 extra"]
@@ -170,7 +171,7 @@ def test_raw_socket_fuzz_gets_no_5xx_no_plain_error_and_no_error_log(tmp_path):
     finally:
         assert server.stop() == 0
     answered = [(raw, a) for raw, a in zip(cases, answers, strict=True) if a is not None]
-    assert len(answered) > 0.8 * len(cases)
+    assert len(answered) > 0.8 * len(cases)  # (a reset may beat an answer to a closed socket)
     for raw, answer in answered:
         assert answer.status < 500, (raw[:200], answer)
         if answer.status >= 400:
