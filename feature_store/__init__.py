@@ -1,7 +1,8 @@
 """Feature store: where Velox keeps what it learns, under one data folder.
 
 * ``online/``: the RocksDB online store (:mod:`feature_store.online`, with a
-  module per concern: log, checkpoints, rated, receipts, forget, log_reader)
+  module per concern: log, checkpoints, rated, receipts, forget, retention,
+  log_reader)
   and the crash-safe model over it (:mod:`feature_store.durable`);
 * ``offline/``: the Parquet offline store of exported observations
   (:mod:`feature_store.offline`);
