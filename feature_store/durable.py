@@ -13,9 +13,10 @@
   the first time it is needed, and the least recently used *clean* states are
   evicted when the cache is full. A state is dirty while it includes log
   records its checkpoint does not; a background thread writes dirty states
-  back (a few hundred per write, then the fold-in items and the online
-  biases in one write that also moves the checkpoint watermark), and so do
-  eviction and :meth:`close`.
+  back (a few hundred per write, each few hundred copied under the locks on
+  their own, so writers wait for one such copy at most; then the fold-in
+  items and the online biases in one write that also moves the checkpoint
+  watermark), and so do eviction and :meth:`close`.
 * Opening replays the log after the checkpoint watermark, exactly as it was
   applied (:meth:`~velox.model.OnlineModel.replay`; a user whose stored state
   is ahead of the watermark skips the records it has), so every state after
@@ -61,6 +62,7 @@ from typing import Any
 
 import numpy as np
 
+from feature_store.checkpoints import CHECKPOINT_CHUNK
 from feature_store.codec import (
     StateBatch,
     decode_biases,
@@ -465,7 +467,7 @@ class DurableModel:
                     return 0
                 snapshot = self._snapshot()
             self._persist(snapshot)
-        return len(snapshot[0][0])
+        return len(snapshot[0])
 
     def close(self) -> None:
         """Stop the background writer, write everything back, close the store."""
@@ -528,25 +530,46 @@ class DurableModel:
                 continue
             self._shrink()  # states written back can now be evicted
 
-    def _snapshot(self) -> tuple[tuple[list[str], tuple], tuple[list[str], tuple], bytes, int]:
-        """Copies of what a checkpoint must hold now (called with ``_lock`` held)."""
-        parts = []
-        for table in (self.model.users, self.model.items):
-            rows = table.dirty()
-            parts.append(([table.keys[r] for r in rows], table.statistics(rows)))
+    def _snapshot(self) -> tuple[list[str], tuple[list[str], tuple], bytes, int]:
+        """What a checkpoint must hold now (called with ``_write_lock`` and ``_lock`` held).
+
+        The dirty users' keys only (:meth:`_persist` copies their states in
+        chunks), copies of the dirty fold-in items' states (few), the biases
+        and the watermark.
+        """
+        users, items = self.model.users, self.model.items
+        rows = items.dirty()
         upto = self._applied_seq
         biases = encode_biases(self.model.biases.online_state(), upto, self.model.version)
-        return parts[0], parts[1], biases, upto
+        dirty_items = ([items.keys[r] for r in rows], items.statistics(rows))
+        return [users.keys[r] for r in users.dirty()], dirty_items, biases, upto
 
     def _persist(self, snapshot: tuple) -> None:
-        """Write a snapshot as a checkpoint; every outcome is counted (see :attr:`problem`)."""
-        users, items, biases, upto = snapshot
-        states = {
-            family: (keys, StateBatch(*stats))
-            for family, (keys, stats) in (("users", users), ("items", items))
-            if keys
-        }
+        """Write a snapshot as a checkpoint; every outcome is counted (see :attr:`problem`).
+
+        User states are copied :data:`CHECKPOINT_CHUNK` at a time, each chunk
+        under the writer and model locks, and written before the next is
+        copied: a commit waits for one chunk's copy at most, not for a copy of
+        every dirty state (up to hundreds of MB at rank 32, which stalled
+        observe). A state copied after ``upto`` may include later log
+        records; it records their sequence number, and recovery skips them
+        for that user, as after a checkpoint that crashed part-way. A store
+        that broke meanwhile (memory ahead of the log) stops the checkpoint
+        before its watermark moves.
+        """
+        user_keys, items, biases, upto = snapshot
+        saved: list[tuple[list[str], np.ndarray]] = []
         try:
+            for start in range(0, len(user_keys), CHECKPOINT_CHUNK):
+                with self._write_lock, self._lock:
+                    if self._broken is not None:
+                        return
+                    table = self.model.users
+                    keys = [k for k in user_keys[start : start + CHECKPOINT_CHUNK] if k in table]
+                    stats = table.statistics(table.find(keys))
+                self.store.put_states("users", keys, StateBatch(*stats), self.config.state_dtype)
+                saved.append((keys, stats[3]))
+            states = {"items": (items[0], StateBatch(*items[1]))} if items[0] else {}
             self.store.write_checkpoint(states, biases, upto, self.config.state_dtype)
         except Exception as exc:
             self._failed("write_back", exc)
@@ -554,7 +577,8 @@ class DurableModel:
         self._succeeded("write_back")
         with self._lock:
             self._persisted_seq = upto
-            self.model.users.mark_saved(users[0], users[1][3])
+            for keys, seqs in saved:
+                self.model.users.mark_saved(keys, seqs)
             self.model.items.mark_saved(items[0], items[1][3])
 
     def _shrink(self) -> None:

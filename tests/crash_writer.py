@@ -11,9 +11,10 @@ printed only once the batch is durable:
   logged with ``observe(sync=False)``, then one :meth:`DurableModel.sync_log`
   (RocksDB SyncWAL) makes them all durable, and only then are they acknowledged.
 * ``checkpoint``: group commit, and each background checkpoint prints
-  ``checkpoint`` once its user states are written (without the WAL, not yet
-  flushed) and lingers there a moment, so the test can kill it inside the
-  checkpoint: before, during or after the flush that must precede the watermark.
+  ``checkpoint`` after each chunk of 8 user states is written (without the
+  WAL, not yet flushed; batches are committed between chunks) and lingers
+  there a moment, so the test can kill it inside the checkpoint: between its
+  chunks, or before, during or after the flush that must precede the watermark.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from feature_store import durable as durable_module
 from feature_store.durable import DurableModel
 from feature_store.online import OnlineStore
 from tests.factories import small_model
@@ -53,11 +55,17 @@ class AnnouncingStore(OnlineStore):
         if keys:
             sys.stdout.write("checkpoint\n")
             sys.stdout.flush()
-            time.sleep(0.02)
+            time.sleep(0.005)
 
 
 def open_model(path: str, mode: str = "synced") -> DurableModel:
-    """Small cache and a fast write-back, so kills land in checkpoints and evictions too."""
+    """Small cache and a fast write-back, so kills land in checkpoints and evictions too.
+
+    In ``checkpoint`` mode user states are copied and written 8 at a time, so
+    batches are committed between the chunks of one checkpoint.
+    """
+    if mode == "checkpoint":
+        durable_module.CHECKPOINT_CHUNK = 8
     config = StoreConfig(cache_users=16, checkpoint_interval=0.01)
     store = AnnouncingStore(path) if mode == "checkpoint" else OnlineStore(path)
     return DurableModel(small_model(), store, config)

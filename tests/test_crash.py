@@ -49,11 +49,13 @@ def _run_and_kill(
     first_ack, checkpoint = threading.Event(), threading.Event()
 
     def read() -> None:
+        acks = 0
         for line in writer.stdout:
             lines.append(line)
             if line.startswith("ack"):
+                acks += 1
                 first_ack.set()
-            elif line == "checkpoint\n" and len(lines) > 40:  # once batches flow
+            elif line == "checkpoint\n" and acks > 20:  # once batches flow
                 checkpoint.set()
 
     reader = threading.Thread(target=read)
