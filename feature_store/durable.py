@@ -363,6 +363,11 @@ class DurableModel:
         """Every log record up to this sequence number is durable (a retry may be answered)."""
         return self.store.synced_seq
 
+    @property
+    def log_start(self) -> int:
+        """Retention trimmed the log before this sequence number (1: nothing trimmed)."""
+        return self.store.log_start
+
     def records(self, first: int, count: int) -> list[bytes] | None:
         """The raw log records ``first .. first + count - 1``; None if any was deleted.
 

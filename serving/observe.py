@@ -118,7 +118,15 @@ class Observations:
 
     def _from_log(self, receipt: Receipt) -> Observed:
         """The first answer to an idempotent request, rebuilt from its log records."""
-        records = self._state.durable.records(receipt.first, receipt.count)
+        durable = self._state.durable
+        records = durable.records(receipt.first, receipt.count)
+        if records is None and receipt.first < durable.log_start:
+            raise RequestError(
+                410,
+                "gone",
+                "this request was applied, but retention has trimmed its log records since, so "
+                "its first answer cannot be rebuilt; do not send it again",
+            )
         if records is None:
             raise RequestError(
                 410, "gone", "the observations of this request were deleted with their user"

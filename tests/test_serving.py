@@ -496,3 +496,25 @@ async def test_a_pointer_the_server_cannot_follow_is_reported_and_the_old_versio
     assert scores["version"] == "v1" and not scores["degraded"]
     _, observed = await _post(server, "/observe", {"user": "u2", "item": "i1", "rating": 3.0})
     assert observed["accepted"] == 1  # the old version keeps learning meanwhile
+
+
+async def test_a_retry_whose_records_retention_trimmed_is_told_so(tmp_path, aiohttp_client):
+    """The receipt outlives its log records (trimmed once exported and checkpointed): a 410
+    that says the request was applied and must not be sent again, not 'deleted'."""
+    from feature_store.offline import OfflineStore, log_rows
+
+    _publish(tmp_path, watermark=10**6)  # a version trained past this log holds nothing back
+    config = _config(tmp_path)
+    client = await aiohttp_client(create_app(config))
+    body = [{"user": "u1", "item": "i1", "rating": 5.0}]
+    key = {"Idempotency-Key": "order-18"}
+    first = await client.post("/observe", data=json.dumps(body), headers=key)
+    assert first.status == 200
+    durable = client.app[STATE].durable
+    OfflineStore(DataLayout(tmp_path).offline).append(log_rows(durable.store.log_after(0)))
+    trimmed = durable.trim(keep=3, receipt_ttl=86_400)
+    assert durable.log_start > 1, trimmed
+    again = await client.post("/observe", data=json.dumps(body), headers=key)
+    answer = await again.json()
+    assert again.status == 410 and "retention has trimmed" in answer["message"], answer
+    assert durable.store.last_seq == 1  # not applied again
