@@ -294,8 +294,8 @@ class ExportReport:
     @classmethod
     def latest(cls, offline: str | Path) -> ExportReport | None:
         """The newest run's report in the offline store (None before the first export)."""
-        reports = ExportFolder(Path(offline)).reports()
-        return cls(**json.loads(reports[-1].read_text())) if reports else None
+        report = OfflineStore(offline).latest_export()
+        return cls(**report) if report is not None else None
 
     def describe(self) -> str:
         """The counters in a few lines of text."""

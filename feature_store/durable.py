@@ -363,6 +363,13 @@ class DurableModel:
         """Every log record up to this sequence number is durable (a retry may be answered)."""
         return self.store.synced_seq
 
+    def latest_export(self) -> dict | None:
+        """The newest ``velox export`` report of the offline store beside this store, if any."""
+        layout = DataLayout.around(self.store.path)
+        if layout is None or not layout.offline.is_dir():
+            return None
+        return OfflineStore(layout.offline).latest_export()
+
     @property
     def log_start(self) -> int:
         """Retention trimmed the log before this sequence number (1: nothing trimmed)."""

@@ -47,6 +47,7 @@ OFFLINE_SCHEMA = OBSERVATION_SCHEMA.append(pa.field("seq", pa.int64(), nullable=
 _WATERMARK = "_watermark"
 _WRITER_LOCK = "_writer.lock"
 DEAD_LETTERS = "_export/dead_letters"
+EXPORT_RUNS = "_export/runs"
 """Where writers keep the records they rejected: JSON lines, one file per sequence range."""
 _RANGE = re.compile(r"seq-(\d{20})-(\d{20})")
 
@@ -234,6 +235,12 @@ class OfflineStore:
             keep = np.concatenate([[True], np.diff(seq) != 0])
             table = table.filter(pa.array(keep))
         return table
+
+    def latest_export(self) -> dict | None:
+        """The newest ``velox export`` run's report (read, written, rejected, rows per day,
+        the range through ``upto``, seconds), or None before the first export."""
+        reports = sorted((self.root / EXPORT_RUNS).glob("seq-*.json"))
+        return json.loads(reports[-1].read_text()) if reports else None
 
     def forget_dead_letters(self, user: str) -> int:
         """Rewrite the dead letters without the lines whose ``user`` is ``user``; lines removed.

@@ -309,6 +309,7 @@ def _figures(state: Serving) -> ModelFigures:
         durable.failures,
         durable.problem is not None,
         state.observations.batcher.waiting if state.observations else 0,
+        durable.latest_export(),
     )
 
 

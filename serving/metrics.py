@@ -49,6 +49,8 @@ class ModelFigures:
     failures: dict[str, int]
     problem: bool
     waiting: int
+    export: dict | None = None
+    """The newest ``velox export`` run's report of the offline store beside the store."""
 
 
 class Metrics:
@@ -189,3 +191,31 @@ class _ModelCollector(Collector):
         yield GaugeMetricFamily(
             "velox_queue_observations", "Observations waiting for a batch.", value=figures.waiting
         )
+        if figures.export is not None:
+            yield from _export_metrics(figures.export)
+
+
+def _export_metrics(report: dict) -> Iterator[Metric]:
+    """The newest export run's counters, as ``velox export`` printed and kept them."""
+    records = GaugeMetricFamily(
+        "velox_export_records",
+        "Log records of the newest velox export run, by outcome (read, written, rejected).",
+        labels=("outcome",),
+    )
+    for outcome in ("read", "written", "rejected"):
+        records.add_metric((outcome,), report[outcome])
+    yield records
+    rows = GaugeMetricFamily(
+        "velox_export_partition_rows",
+        "Rows the newest velox export run wrote, by day partition.",
+        labels=("date",),
+    )
+    for day, count in sorted(report["partitions"].items()):
+        rows.add_metric((day,), count)
+    yield rows
+    yield GaugeMetricFamily(
+        "velox_export_upto", "Log position the newest export run reached.", value=report["upto"]
+    )
+    yield GaugeMetricFamily(
+        "velox_export_seconds", "Duration of the newest export run.", value=report["seconds"]
+    )

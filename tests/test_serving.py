@@ -518,3 +518,22 @@ async def test_a_retry_whose_records_retention_trimmed_is_told_so(tmp_path, aioh
     answer = await again.json()
     assert again.status == 410 and "retention has trimmed" in answer["message"], answer
     assert durable.store.last_seq == 1  # not applied again
+
+
+async def test_metrics_show_the_newest_export_run_of_the_store_beside(tmp_path, aiohttp_client):
+    from batch_jobs.export import ExportJob
+
+    _publish(tmp_path)
+    client = await aiohttp_client(create_app(_config(tmp_path)))
+    assert not any(name.startswith("velox_export") for name, _ in await _metrics(client))
+    body = [{"user": f"u{j}", "item": "i1", "rating": 4.0} for j in range(5)]
+    assert (await client.post("/observe", data=json.dumps(body))).status == 200
+    layout = DataLayout(tmp_path)
+    report = await asyncio.get_running_loop().run_in_executor(
+        None, ExportJob(layout.online, layout.offline, emit=lambda _: None).run
+    )
+    assert (report.read, report.written, report.rejected) == (5, 5, 0)
+    after = await _metrics(client)
+    assert after[_sample("velox_export_records", outcome="written")] == 5
+    assert after[_sample("velox_export_records", outcome="rejected")] == 0
+    assert after[_sample("velox_export_upto")] == report.upto == 5
