@@ -85,6 +85,10 @@ def _stream_lua(data: Path) -> str | None:
 
     The ratings go into the script as a Lua table; each wrk thread starts at
     its own point and walks on in time order (no ``ts``: the server's clock).
+    MovieLens' ids are mapped onto the served model's (user ``n`` to ``u{n-1}``,
+    item ``n`` to ``i{(n-1) mod 1000}``): the bursts are MovieLens', the
+    catalogue stays the benchmark's, so the other scenarios are not measured
+    over thousands of items folded in by this one.
     """
     if not (data / "u.data").is_file():
         return None
@@ -98,7 +102,7 @@ def _stream_lua(data: Path) -> str | None:
         stream.column("rating").to_pylist(),
         strict=True,
     )
-    table = ",\n".join(f'{{"{u}","{i}",{r:g}}}' for u, i, r in rows)
+    table = ",\n".join(f'{{"u{int(u) - 1}","i{(int(i) - 1) % ITEMS}",{r:g}}}' for u, i, r in rows)
     return f"""wrk.method = "POST"
 local obs = {{
 {table}
