@@ -19,7 +19,8 @@ machines this runs on are shared and their speed drifts by a quarter within
 a minute, so one hello-world measured once would skew every ratio after it.
 The tables give the median over the rounds (and each round's ratios).
 
-Then the p99 latency of ``predict 1`` near half its peak rate: wrk has no
+Then the p99 latency of ``predict 1``, and of ``observe`` (background
+checkpoints running), near half their peak rates: wrk has no
 rate limit, so the rate is set by the number of connections (the smallest
 count whose rate reaches half the peak, or the closest).
 
@@ -186,15 +187,17 @@ def _ms(text: str) -> float:
     return float(value) * {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 6e4}[unit]
 
 
-def _p99_at_half_peak(port: int, peak: float, seconds: int, scratch: Path) -> dict:
-    """p99 of predict-1 with the wrk concurrency whose rate comes closest to half the peak.
+def _p99_at_half_peak(
+    port: int, peak: float, seconds: int, scratch: Path, scenario: str = "predict 1"
+) -> dict:
+    """p99 of ``scenario`` with the wrk concurrency whose rate comes closest to half the peak.
 
     wrk is closed-loop (no rate limit), so the offered rate is set by the
     number of connections: 1, 2, 4, ... until the rate passes half the peak.
     """
     best = None
     for connections in (1, 2, 4, 8, 16, 32):
-        run = _wrk(port, "predict 1", seconds, connections, scratch)
+        run = _wrk(port, scenario, seconds, connections, scratch)
         run["connections"] = connections
         if best is None or abs(run["rate"] - peak / 2) < abs(best["rate"] - peak / 2):
             best = run
@@ -250,6 +253,10 @@ def main(argv: list[str] | None = None) -> int:
             ]
             peak = statistics.median(r["predict 1"]["rate"] for r in rounds)
             half = _p99_at_half_peak(velox_port, peak, args.seconds, root)
+            observe_peak = statistics.median(r["observe"]["rate"] for r in rounds)
+            observe_half = _p99_at_half_peak(
+                velox_port, observe_peak, args.seconds, root, scenario="observe"
+            )
         finally:
             for process in (hello, velox):
                 process.send_signal(signal.SIGTERM)
@@ -274,6 +281,11 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"\npredict 1 near half its peak: {half['rate']:,.0f}/s with {half['connections']} "
         f"connection(s), p50 {half['p50']:.2f} ms, p99 {p99:.2f} ms"
+    )
+    print(
+        f"observe near half its peak (checkpoints every store.checkpoint_interval): "
+        f"{observe_half['rate']:,.0f}/s with {observe_half['connections']} connection(s), "
+        f"p50 {observe_half['p50']:.2f} ms, p99 {observe_half['p99']:.2f} ms"
     )
     failures = []
     if ratios["predict 1"] < 0.6:
