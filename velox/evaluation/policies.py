@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -132,17 +133,16 @@ class ServerLearner:
     """
 
     def __init__(self, client) -> None:
-        self.client = client
-
-    def step(self, users, items, ratings, when, learn: bool) -> np.ndarray:
-        import uuid
-
         from velox.client import Observation
 
+        self.client = client
+        self._observation = Observation
+
+    def step(self, users, items, ratings, when, learn: bool) -> np.ndarray:
         if not learn:
             raise InputError("a server learns what it is sent; evaluate it with learning on")
         batch = [
-            Observation(user, item, float(rating), float(ts))
+            self._observation(user, item, float(rating), float(ts))
             for user, item, rating, ts in zip(users, items, ratings, when, strict=True)
         ]
         answer = self.client.observe(batch, idempotency_key=uuid.uuid4().hex)
