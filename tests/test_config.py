@@ -63,6 +63,10 @@ def test_no_file_gives_defaults(tmp_path, monkeypatch):
         ("", {}, ["compute.device=tpu"], r"command line 'compute.device=tpu'"),
         ("", {}, ["model.regularization=nan"], "must be a number"),
         ("[model\n", {}, [], "is not valid TOML"),
+        ("[retrain]\ncron = '61 * * * *'\n", {}, [], r"retrain.cron = '61 \* \* \* \*' .* is not"),
+        ("", {"VELOX_RETRAIN__CRON": "every day"}, [], "is not a cron expression"),
+        ("", {}, ["retrain.enabled=maybe"], "must be true or false"),
+        ("", {}, ["retrain.degradation_min_observations=20000"], "could never trigger"),
     ],
 )
 def test_bad_settings_give_one_sentence(tmp_path, toml, env, overrides, message):
@@ -76,3 +80,13 @@ def test_bad_settings_give_one_sentence(tmp_path, toml, env, overrides, message)
 def test_missing_config_file_says_so(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "absent.toml", env={})
+
+
+def test_retrain_settings_load_from_every_layer(tmp_path):
+    path = tmp_path / "v.toml"
+    path.write_text("[retrain]\nenabled = true\ncron = '0 3 * * *'\n")
+    config = load_config(path, env={"VELOX_RETRAIN__MAX_AGE": "86400"}, overrides=["retrain.cron="])
+    assert config.retrain.enabled is True
+    assert config.retrain.max_age == 86400.0
+    assert config.retrain.cron == ""
+    assert load_config(path, env={}).retrain.cron == "0 3 * * *"

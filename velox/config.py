@@ -15,10 +15,12 @@ import dataclasses
 import math
 import os
 import tomllib
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_type_hints
+
+from croniter import croniter
 
 from velox.errors import ConfigError
 
@@ -34,11 +36,33 @@ def setting(
     high: float | None = None,
     low_open: bool = False,
     choices: tuple[str, ...] | None = None,
+    check: Callable[[Any], str | None] | None = None,
 ) -> Any:
-    """Declare a setting: its default, what it means, and the values allowed."""
+    """Declare a setting: its default, what it means, and the values allowed.
+
+    ``check`` covers a rule that bounds and choices cannot state: it returns
+    what is wrong with a value (the end of a sentence), or None when it fits.
+    """
     return field(
         default=default,
-        metadata={"doc": doc, "low": low, "high": high, "low_open": low_open, "choices": choices},
+        metadata={
+            "doc": doc,
+            "low": low,
+            "high": high,
+            "low_open": low_open,
+            "choices": choices,
+            "check": check,
+        },
+    )
+
+
+def cron_problem(expression: str) -> str | None:
+    """Why ``expression`` is not a cron schedule croniter can follow; None when it is (or empty)."""
+    if not expression.strip() or croniter.is_valid(expression):
+        return None
+    return (
+        "is not a cron expression; write five fields (minute hour day month weekday) "
+        "like '0 3 * * *', or leave it empty for no schedule"
     )
 
 
@@ -248,6 +272,85 @@ class ServeConfig:
 
 
 @dataclass(frozen=True)
+class RetrainConfig:
+    """When the server retrains (``serving.triggers``) and how a retrain runs (``[retrain]``).
+
+    The rolling RMSE is prequential: each observation is scored by the active
+    version just before it is learned, so the figure is what users got.
+    """
+
+    enabled: bool = setting(
+        False,
+        "Retrain automatically when a policy below holds; when false the server only watches "
+        "and reports (POST /retrain and velox retrain work either way).",
+    )
+    check_interval: float = setting(
+        30.0, "Seconds between two checks of the policies.", low=0.0, low_open=True
+    )
+    window: int = setting(10_000, "Observations in the rolling prequential RMSE.", low=1)
+    window_seconds: float = setting(
+        3600.0,
+        "Length of one per-time-window RMSE bucket, by observation time, in seconds.",
+        low=0.0,
+        low_open=True,
+    )
+    degradation_ratio: float = setting(
+        1.1,
+        "Retrain when the rolling RMSE exceeds this times the reference: the RMSE of the first "
+        "window after activation, or the validation RMSE until that window is full.",
+        low=1.0,
+    )
+    degradation_min_observations: int = setting(
+        2000,
+        "Fewest observations in the rolling window before degradation may trigger "
+        "(at most window).",
+        low=1,
+    )
+    max_observations: int = setting(
+        0, "Retrain after this many observations since the version's watermark (0: off).", low=0
+    )
+    max_new_users: int = setting(
+        0, "Retrain after this many new users since the version's watermark (0: off).", low=0
+    )
+    max_age: float = setting(
+        0.0, "Retrain when the version was trained this many seconds ago (0: off).", low=0.0
+    )
+    cron: str = setting(
+        "",
+        "Cron schedule of retrains, in UTC, like '0 3 * * *' (empty: none).",
+        check=cron_problem,
+    )
+    min_interval: float = setting(
+        600.0, "Fewest seconds between the starts of two automatic retrains.", low=0.0
+    )
+    timeout: float = setting(
+        3600.0, "Seconds a training job may run before it is killed.", low=0.0, low_open=True
+    )
+    retries: int = setting(
+        3, "Automatic retries of a failed retrain before the policies stop retraining.", low=0
+    )
+    backoff: float = setting(
+        60.0, "Seconds before the first retry; each further retry waits twice as long.", low=0.0
+    )
+    gate_tolerance: float = setting(
+        0.01,
+        "The gate rejects a candidate whose RMSE exceeds the active one's times (1 + this).",
+        low=0.0,
+    )
+    gate_min_observations: int = setting(
+        1000, "Fewest replayed observations the gate needs to judge a candidate.", low=0
+    )
+
+    def __post_init__(self) -> None:
+        if self.degradation_min_observations > self.window:
+            raise ConfigError(
+                f"retrain.degradation_min_observations ({self.degradation_min_observations}) "
+                f"exceeds retrain.window ({self.window}), so degradation could never trigger; "
+                "lower it or widen the window"
+            )
+
+
+@dataclass(frozen=True)
 class VeloxConfig:
     """All settings, one attribute per section."""
 
@@ -258,6 +361,7 @@ class VeloxConfig:
     registry: RegistryConfig = field(default_factory=RegistryConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
+    retrain: RetrainConfig = field(default_factory=RetrainConfig)
 
 
 def sections() -> dict[str, type]:
@@ -333,6 +437,8 @@ def _validate(section: str, key: str, raw: Any, source: str, from_text: bool) ->
         raise ConfigError(problem)
     if high is not None and value > high:
         raise ConfigError(problem)
+    if meta["check"] and (wrong := meta["check"](value)):
+        raise ConfigError(f"setting {section}.{key} = {raw!r} (from {source}) {wrong}")
     return value
 
 
