@@ -19,7 +19,7 @@ import math
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -35,8 +35,14 @@ from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 
+if TYPE_CHECKING:  # the monitor and the policy import nothing from here either
+    from serving.monitor import MonitorSnapshot
+    from serving.triggers import Decision
+
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+PAUSE_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1, 1.0)
+"""A swap holds the write lock for one micro-batch (target < 5 ms): fine buckets below that."""
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
 
@@ -110,6 +116,7 @@ class Metrics:
             registry=registry,
         )
         self._model = _ModelCollector(registry, self._latency)
+        self._retrain = _RetrainMetrics(registry)
 
     def request(self, route: str, status: int, seconds: float) -> None:
         """Count one answered request and its latency (one dict lookup on the hot path)."""
@@ -124,12 +131,127 @@ class Metrics:
         self._scored.labels(version).inc(observations)
         self._model.add_error(version, squared_error, observations)
 
+    def monitor(self, snapshot: MonitorSnapshot) -> None:
+        """Set the staleness gauges from the monitor's snapshot of the served version."""
+        self._retrain.monitor(snapshot)
+
+    def decision(self, decision: Decision) -> None:
+        """Count one retrain decision, by trigger and whether it started a run."""
+        self._retrain.decisions.labels(decision.trigger, str(decision.run).lower()).inc()
+
+    def retrain_started(self) -> None:
+        """A retrain runs (``velox_retrain_running`` is 1 until :meth:`retrain_run`)."""
+        self._retrain.running.set(1)
+
+    def retrain_run(
+        self, outcome: str, phases: dict[str, float], gate: tuple[float, float] | None
+    ) -> None:
+        """A retrain ended: its outcome, its phases' seconds, and the gate's (active, candidate)
+        RMSE when the gate judged it."""
+        self._retrain.run(outcome, phases, gate)
+
+    def swap_pause(self, seconds: float) -> None:
+        """How long a swap held the write lock."""
+        self._retrain.pause.observe(seconds)
+
     def read_model(self, figures: Callable[[], ModelFigures]) -> None:
         """Where scrapes read the model's own counts from (the app's current model)."""
         self._model.figures = figures
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _RetrainMetrics:
+    """The staleness monitor's gauges and the retrain loop's counts (``velox_monitor_*``,
+    ``velox_retrain_*``, ``velox_swap_pause_seconds``)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        def gauge(name: str, doc: str, labels: tuple[str, ...] = ()) -> Gauge:
+            return Gauge(f"velox_{name}", doc, labels, registry=registry)
+
+        self.rolling = gauge(
+            "monitor_rolling_rmse",
+            "Prequential RMSE of the served version over the last retrain.window observations.",
+            ("version",),
+        )
+        self.reference = gauge(
+            "monitor_reference_rmse",
+            "The RMSE degradation is measured against: the first window after activation, "
+            "else the validation RMSE.",
+            ("version",),
+        )
+        self.validation = gauge(
+            "monitor_validation_rmse",
+            "The served version's validation RMSE recorded at training.",
+            ("version",),
+        )
+        self.observations = gauge(
+            "monitor_observations_since_watermark",
+            "Observations since the served version's training watermark.",
+        )
+        self.new_users = gauge(
+            "monitor_new_users_since_watermark",
+            "New users since the served version's training watermark.",
+        )
+        self.age = gauge("monitor_age_seconds", "Seconds since the served version was trained.")
+        self.decisions = Counter(
+            "velox_retrain_decisions",
+            "Retrain policy decisions by trigger and whether a run started (run: true, false).",
+            ("trigger", "run"),
+            registry=registry,
+        )
+        self.runs = Counter(
+            "velox_retrain_runs",
+            "Finished retrains by outcome (succeeded, rejected, failed, timed_out, killed, "
+            "abandoned).",
+            ("outcome",),
+            registry=registry,
+        )
+        self.running = gauge("retrain_running", "1 while a retrain runs, else 0.")
+        self.phases = gauge(
+            "retrain_phase_seconds",
+            "Seconds each phase of the last retrain took (export, train, candidate, catch_up, "
+            "swap).",
+            ("phase",),
+        )
+        self.gate = gauge(
+            "retrain_gate_rmse",
+            "The last gate's prequential RMSE on the same observations, by model "
+            "(active, candidate).",
+            ("model",),
+        )
+        self.pause = Histogram(
+            "velox_swap_pause_seconds",
+            "How long a version swap held the write lock.",
+            buckets=PAUSE_BUCKETS,
+            registry=registry,
+        )
+
+    def monitor(self, snapshot: MonitorSnapshot) -> None:
+        version = snapshot.version
+        for gauge, value in (
+            (self.rolling, snapshot.rolling_rmse),
+            (self.reference, snapshot.reference_rmse),
+            (self.validation, snapshot.validation_rmse),
+        ):
+            gauge.clear()  # only the served version has figures
+            if version is not None and value is not None:
+                gauge.labels(version).set(value)
+        self.observations.set(snapshot.observations_since_watermark)
+        self.new_users.set(snapshot.new_users_since_watermark)
+        self.age.set(math.nan if snapshot.age_seconds is None else snapshot.age_seconds)
+
+    def run(self, outcome: str, phases: dict[str, float], gate: tuple[float, float] | None) -> None:
+        self.runs.labels(outcome).inc()
+        self.running.set(0)
+        self.phases.clear()  # the last run's phases only: one that failed early has fewer
+        for phase, seconds in phases.items():
+            self.phases.labels(phase).set(seconds)
+        self.gate.clear()
+        if gate is not None:
+            self.gate.labels("active").set(gate[0])
+            self.gate.labels("candidate").set(gate[1])
 
 
 class _ModelCollector(Collector):

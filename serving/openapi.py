@@ -22,6 +22,8 @@ from serving.schemas import (
     Observations,
     Observed,
     PredictBody,
+    RetrainAccepted,
+    RetrainRequest,
     Scores,
     Status,
     TopKBody,
@@ -39,6 +41,8 @@ _TYPES = (
     Models,
     Activated,
     Status,
+    RetrainRequest,
+    RetrainAccepted,
     ErrorBody,
 )
 
@@ -52,9 +56,21 @@ def openapi_document() -> dict[str, Any]:
     schemas, components = msgspec.json.schema_components(
         _TYPES, ref_template="#/components/schemas/{name}"
     )
-    predict, topk, observe, scores, observed, user, forgotten, models, activated, status, error = (
-        schemas
-    )
+    (
+        predict,
+        topk,
+        observe,
+        scores,
+        observed,
+        user,
+        forgotten,
+        models,
+        activated,
+        status,
+        retrain,
+        accepted,
+        error,
+    ) = schemas
 
     def operation(summary: str, body: dict | None, answer: dict, *errors: int) -> dict[str, Any]:
         responses = {"200": {"description": "ok", "content": _content(answer)}}
@@ -103,6 +119,12 @@ def openapi_document() -> dict[str, Any]:
             "/models/{version}/activate": {
                 "parameters": [path_parameter("version")],
                 "post": operation("Serve a ready version", None, activated, 401, 403, 404, 409),
+            },
+            "/retrain": {
+                "post": {
+                    **operation("Start a retrain now (admin)", retrain, accepted, *reads),
+                    "requestBody": {"required": False, "content": _content(retrain)},
+                }
             },
             "/healthz": {"get": operation("Liveness", None, status)},
             "/readyz": {"get": operation("Readiness", None, status, 503)},

@@ -14,7 +14,7 @@ to answer with; nothing is applied before the whole body has passed.
 from __future__ import annotations
 
 import math
-from typing import Annotated
+from typing import Annotated, Literal
 
 import msgspec
 from msgspec import Meta, Struct
@@ -73,12 +73,24 @@ class ObservationBody(Struct, forbid_unknown_fields=True):
     ts: float | None = None
 
 
+class RetrainRequest(Struct, forbid_unknown_fields=True):
+    """``POST /retrain``: start a retrain now, whatever the policies say.
+
+    ``force`` activates the candidate even when the gate rejects it; ``reason``
+    is recorded with the run.
+    """
+
+    force: bool = False
+    reason: str = ""
+
+
 Observations = ObservationBody | Annotated[list[ObservationBody], Meta(min_length=1)]
 """What ``POST /observe`` takes: one observation or a non-empty list."""
 
 PREDICT = msgspec.json.Decoder(PredictBody)
 TOPK = msgspec.json.Decoder(TopKBody)
 OBSERVE = msgspec.json.Decoder(Observations)
+RETRAIN = msgspec.json.Decoder(RetrainRequest)
 """Decoders built once: msgspec caches a plain type's plan, but a union written in
 the call (``A | list[A]``) is a new object every time, planned again per request."""
 
@@ -140,6 +152,107 @@ class VersionSummary(Struct):
     metrics: dict[str, float]
 
 
+class TimeWindowReport(Struct):
+    """The prequential RMSE of the observations whose ts fell in one time window."""
+
+    start: float
+    count: int
+    rmse: float
+
+
+class MonitorReport(Struct):
+    """How stale the served version is (``serving.monitor.MonitorSnapshot``, field by field)."""
+
+    version: str | None
+    age_seconds: float | None
+    watermark: int
+    observations_since_watermark: int
+    new_users_since_watermark: int
+    rolling_rmse: float | None
+    rolling_count: int
+    first_rmse: float | None
+    first_count: int
+    validation_rmse: float | None
+    reference_rmse: float | None
+    degradation: float | None
+    windows: list[TimeWindowReport]
+    window: int
+
+
+Trigger = Literal[
+    "degradation",
+    "observations",
+    "new_users",
+    "age",
+    "cron",
+    "manual",
+    "retry",
+    "none",
+    "running",
+    "min_interval",
+    "backoff",
+    "retries_exhausted",
+    "disabled",
+]
+"""Why a retrain runs (the first five, manual, retry) or why it does not (the others)."""
+
+Outcome = Literal["succeeded", "rejected", "failed", "timed_out", "killed", "abandoned"]
+"""How a retrain ended; "rejected": the gate kept the active version."""
+
+
+class DecisionReport(Struct):
+    """A policy decision: whether a retrain runs, which trigger, why, and when (epoch s)."""
+
+    trigger: Trigger
+    run: bool
+    reason: str
+    at: float
+
+
+class GateReport(Struct):
+    """Both versions' prequential RMSE over the same replayed observations."""
+
+    active_rmse: float
+    candidate_rmse: float
+    observations: int
+
+
+class RunReport(Struct):
+    """One retrain: how it ended, the version it built, its phases' seconds and its job log."""
+
+    id: str
+    outcome: Outcome | None
+    """None while it runs."""
+    reason: str
+    version: str | None
+    started: float
+    finished: float | None
+    phases: dict[str, float]
+    gate: GateReport | None
+    log: str | None
+    """Path of the training job's output."""
+
+
+class RetrainReport(Struct):
+    """The retrain loop: whether it acts alone, what runs now, and what was last decided and run."""
+
+    enabled: bool
+    running: bool
+    phase: str | None
+    last_decision: DecisionReport | None
+    last_run: RunReport | None
+    next_retry: float | None
+    """When a failed retrain is tried again (epoch s), or None."""
+
+
+class RetrainAccepted(Struct):
+    """``POST /retrain``'s answer: the run it started, or the one already running."""
+
+    id: str
+    status: Literal["started", "running"]
+    reason: str
+
+
 class Models(Struct):
     """The registry's versions, the one its pointer names, and the one this server serves."""
 
@@ -148,6 +261,8 @@ class Models(Struct):
     lagging: bool
     problem: str | None
     versions: list[VersionSummary]
+    monitor: MonitorReport | None = None
+    retrain: RetrainReport | None = None
 
 
 class Activated(Struct):
