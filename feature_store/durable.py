@@ -57,7 +57,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
-from itertools import islice
+from itertools import islice, takewhile
 from typing import Any
 
 import numpy as np
@@ -67,7 +67,6 @@ from feature_store.codec import (
     StateBatch,
     decode_biases,
     decode_log,
-    decode_observation,
     encode_biases,
 )
 from feature_store.layout import DataLayout
@@ -123,18 +122,26 @@ class DurableModel:
         config: StoreConfig | None = None,
         *,
         recover: bool = True,
+        slot: int | None = None,
+        building: bool = False,
     ) -> None:
         self.model = model
         self.store = store
         self.config = config or StoreConfig()
+        self.slot = store.active_slot if slot is None else slot
+        """The state slot this model checkpoints to (the active one, or a candidate's)."""
         self._lock = threading.RLock()
         self._write_lock = threading.RLock()
         self._flush_lock = threading.Lock()
         self._tick = 0
         self.cache_hits = self.cache_misses = 0
-        self._applied_seq = self._persisted_seq = store.checkpoint_seq
+        self._applied_seq = self._persisted_seq = store.checkpoint_seq_of(self.slot)
         self._broken: str | None = None
         self._retired = ""
+        self._superseded = ""
+        self._building = building
+        self.new_users = 0
+        """Users this version had no state for when they were first observed (since opening)."""
         self._health_lock = threading.Lock()
         self._failures = {"write_back": 0, "eviction": 0}
         self._streaks: dict[str, _Streak] = {}
@@ -151,6 +158,9 @@ class DurableModel:
         users: tuple[Sequence[str], StateBatch],
         watermark: int,
         config: StoreConfig | None = None,
+        *,
+        slot: int | None = None,
+        building: bool = False,
     ) -> DurableModel:
         """Make a trained version the store's state; the log is kept and re-applied.
 
@@ -161,35 +171,71 @@ class DurableModel:
         order (not replayed: its recorded effects belong to the old version).
         A crash part-way leaves the install marker, and the next open must
         install again; the log is never touched.
+
+        ``building``: a candidate version, built in ``slot`` beside the active
+        one. The install ends once the trained users are stored, with an
+        exact checkpoint at ``watermark``; the caller applies the log after it
+        with :meth:`reapply` (resumable after a crash: every checkpoint of a
+        model that is building is exact) and :meth:`take_over` makes it active.
         """
         config = config or StoreConfig()
-        store.begin_install(model.version)
-        store.put_states("users", *users, config.state_dtype)
-        durable = cls(model, store, config, recover=False)
-        durable.reapplied = durable._reapply(watermark)
-        durable._applied_seq = store.last_seq  # everything logged is in the states now
+        slot = store.active_slot if slot is None else slot
+        store.begin_install(model.version, slot=slot)
+        store.put_states("users", *users, config.state_dtype, slot=slot)
+        durable = cls(model, store, config, recover=False, slot=slot, building=building)
+        durable._applied_seq = watermark
+        if not building:
+            durable.reapplied = durable.reapply()
+            durable._applied_seq = max(durable._applied_seq, store.last_seq)  # all logged is in
         durable.flush(force=True)
-        store.end_install()
+        store.end_install(slot=slot)
         return durable
 
-    def _reapply(self, watermark: int) -> int:
-        """Observe the logged observations after ``watermark`` again (no new log records)."""
+    def reapply(
+        self,
+        upto: int | None = None,
+        *,
+        limit: int | None = None,
+        tally: Callable[[np.ndarray, Applied], None] | None = None,
+        skip: Callable[[str], bool] | None = None,
+    ) -> int:
+        """Observe the logged observations after :attr:`applied_seq` again; how many.
+
+        No new log record is written: the log already holds them, applied by
+        another version (or none) whose recorded effects are not this one's.
+        Stops after ``upto`` (default: the head) or after ``limit`` records.
+        ``tally(logged_predictions, applied)`` sees each chunk's predictions
+        as logged and the chunk as applied here (the validation gate compares
+        the two predictions of each observation); records of
+        users for whom ``skip`` is true (forgotten meanwhile) are passed over.
+        """
         done = 0
-        for seqs, records in _chunks(self.store.records_after(watermark)):
-            observations = [decode_observation(record) for record in records]
-            users = [o.user for o in observations]
-            with self._lock:
-                self._page_in(users)
-                applied = self.model.observe_many(
-                    users,
-                    [o.item for o in observations],
-                    [o.rating for o in observations],
-                    [o.ts for o in observations],
-                )
-                self._mark(applied, seqs)
-            done += len(records)
+        records = self.store.records_after(self._applied_seq)
+        for seqs, chunk in _chunks(records, upto, limit):
+            last = int(seqs[-1])
+            logged = _Logged.of(decode_log(chunk))
+            if skip is not None:
+                keep = np.array([not skip(u) for u in logged.users], dtype=bool)
+                if not keep.all():
+                    logged, seqs = logged.take(keep), seqs[keep]
+            if len(seqs):
+                with self._lock:
+                    self._page_in(logged.users, counting=True)
+                    applied = self.model.observe_many(
+                        logged.users, logged.items, logged.ratings, logged.timestamps
+                    )
+                    self._mark(applied, seqs)
+                if tally is not None:
+                    tally(logged.predictions, applied)
+            done += len(seqs)
+            self._applied_seq = max(self._applied_seq, last)
             self._shrink()
         return done
+
+    @property
+    def applied_seq(self) -> int:
+        """The newest log record this model's state includes."""
+        return self._applied_seq
 
     # ---------------------------------------------------------------- serving
 
@@ -219,7 +265,7 @@ class DurableModel:
         with self._write_lock:
             with self._lock:
                 self._check_usable()
-                self._page_in(normalize_ids(users, "user"))
+                self._page_in(normalize_ids(users, "user"), counting=True)
                 applied = self.model.observe_many(users, items, ratings, timestamps)
             try:
                 seqs = self.store.commit(applied, sync=sync, receipts=receipts)
@@ -503,16 +549,90 @@ class DurableModel:
             try:
                 yield
             except BaseException:
-                if self.store.installing() is not None:  # its checkpoints are gone
+                if self.store.installing(slot=self.slot) is not None:  # its checkpoints are gone
                     self._broken = "a version switch failed part-way; restart to finish it"
                 else:
                     self._start_writer()
                 raise
             self._retired = reason
 
+    # ------------------------------------------------------------------ swap
+
+    @contextmanager
+    def writes_held(self) -> Iterator[None]:
+        """No batch is applied or committed meanwhile (a swap's critical section)."""
+        with self._write_lock:
+            yield
+
+    def take_over(self, config: StoreConfig) -> None:
+        """Become the store's active version: one synced write, then serve with ``config``.
+
+        Called by a swap with the active model's writes held (:meth:`writes_held`),
+        after :meth:`reapply` reached the log's head. Only states changed since
+        this model's last (exact) checkpoint go in the write (a micro-batch's
+        users), with the biases, the watermark and the flip of the active slot
+        (:meth:`~feature_store.checkpoints.Checkpoints.swap_in`): a crash on
+        either side of it leaves one whole version active.
+        """
+        self._check_intact()
+        with self._flush_lock, self._write_lock, self._lock:
+            users, items = self.model.users, self.model.items
+            user_rows, item_rows = users.dirty(), items.dirty()
+            user_keys = [users.keys[r] for r in user_rows]
+            item_keys = [items.keys[r] for r in item_rows]
+            user_stats, item_stats = users.statistics(user_rows), items.statistics(item_rows)
+            upto = self._applied_seq
+            states = {
+                "users": (user_keys, StateBatch(*user_stats)),
+                "items": (item_keys, StateBatch(*item_stats)),
+            }
+            biases = encode_biases(self.model.biases.online_state(), upto, self.model.version)
+            self.store.swap_in(self.slot, states, biases, upto, self.config.state_dtype)
+            users.mark_saved(user_keys, user_stats[3])
+            items.mark_saved(item_keys, item_stats[3])
+            self._persisted_seq = upto
+            self._building = False
+            self.config = config
+        self._start_writer()
+
+    def drop_users(self, users: Sequence[str]) -> None:
+        """Drop users from memory and from this model's slot, written back or not.
+
+        For users deleted from the store while this model is a candidate
+        (the deletion went through the active model): a checkpoint under way
+        may have copied them, so they are deleted again after it.
+        """
+        with self._flush_lock, self._write_lock, self._lock:
+            table = self.model.users
+            table.evict([user for user in users if user in table])
+            self.store.delete_states("users", users, slot=self.slot)
+
+    def supersede(self, reason: str) -> None:
+        """Refuse writes from now on (:class:`Replaced`: callers go to the new active model).
+
+        Reads are still answered, from a state that no longer changes, so a
+        request that began before a swap finishes on this version.
+        """
+        self._superseded = reason
+
+    def seal(self) -> None:
+        """After :meth:`supersede`: stop the writer and leave an exact checkpoint of this slot.
+
+        Rolling back to this version applies the log after it again (the
+        same swap, the other way), so the version's state is kept whole here.
+        """
+        self._stop_writer()
+        self.flush(force=True)
+
+    def release(self) -> None:
+        """Stop without writing more (a candidate given up); the store stays open."""
+        self._stop_writer()
+        self._retired = self._retired or "this model was released"
+
     def _start_writer(self) -> None:
         self._stop = threading.Event()
-        if self.config.checkpoint_interval > 0:
+        self._writer = None
+        if self.config.checkpoint_interval > 0 and not self._building:
             self._writer = threading.Thread(
                 target=self._write_back_loop, name="velox-write-back", daemon=True
             )
@@ -542,7 +662,7 @@ class DurableModel:
                 continue
             self._shrink()  # states written back can now be evicted
 
-    def _snapshot(self) -> tuple[list[str], tuple[list[str], tuple], bytes, int]:
+    def _snapshot(self) -> tuple[list[str], tuple[list[str], tuple], bytes, int, bool]:
         """What a checkpoint must hold now (called with ``_write_lock`` and ``_lock`` held).
 
         The dirty users' keys only (:meth:`_persist` copies their states in
@@ -554,7 +674,8 @@ class DurableModel:
         upto = self._applied_seq
         biases = encode_biases(self.model.biases.online_state(), upto, self.model.version)
         dirty_items = ([items.keys[r] for r in rows], items.statistics(rows))
-        return [users.keys[r] for r in users.dirty()], dirty_items, biases, upto
+        exact = self._building or bool(self._superseded)  # nothing applies while it is copied
+        return [users.keys[r] for r in users.dirty()], dirty_items, biases, upto, exact
 
     def _persist(self, snapshot: tuple) -> None:
         """Write a snapshot as a checkpoint; every outcome is counted (see :attr:`problem`).
@@ -569,7 +690,7 @@ class DurableModel:
         that broke meanwhile (memory ahead of the log) stops the checkpoint
         before its watermark moves.
         """
-        user_keys, items, biases, upto = snapshot
+        user_keys, items, biases, upto, exact = snapshot
         saved: list[tuple[list[str], np.ndarray]] = []
         try:
             for start in range(0, len(user_keys), CHECKPOINT_CHUNK):
@@ -579,10 +700,14 @@ class DurableModel:
                     table = self.model.users
                     keys = [k for k in user_keys[start : start + CHECKPOINT_CHUNK] if k in table]
                     stats = table.statistics(table.find(keys))
-                self.store.put_states("users", keys, StateBatch(*stats), self.config.state_dtype)
+                self.store.put_states(
+                    "users", keys, StateBatch(*stats), self.config.state_dtype, slot=self.slot
+                )
                 saved.append((keys, stats[3]))
             states = {"items": (items[0], StateBatch(*items[1]))} if items[0] else {}
-            self.store.write_checkpoint(states, biases, upto, self.config.state_dtype)
+            self.store.write_checkpoint(
+                states, biases, upto, self.config.state_dtype, slot=self.slot, exact=exact
+            )
         except Exception as exc:
             self._failed("write_back", exc)
             raise
@@ -630,8 +755,8 @@ class DurableModel:
     # --------------------------------------------------------------- internals
 
     def _check_usable(self) -> None:
-        if self._retired:
-            raise Replaced(self._retired)
+        if self._retired or self._superseded:
+            raise Replaced(self._retired or self._superseded)
         self._check_intact()
 
     def _check_intact(self) -> None:
@@ -641,8 +766,12 @@ class DurableModel:
                 "(restart the server) to recover"
             )
 
-    def _page_in(self, users: Sequence[str]) -> None:
-        """Load the checkpoints of users not in memory (a user never seen stays absent)."""
+    def _page_in(self, users: Sequence[str], *, counting: bool = False) -> None:
+        """Load the checkpoints of users not in memory (a user never seen stays absent).
+
+        ``counting``: users about to be observed; those with no state at all
+        are new to this version (:attr:`new_users`).
+        """
         table = self.model.users
         if len(users) == 1:  # the read path: one user, usually cached
             row = table.find(users)[0]
@@ -656,7 +785,9 @@ class DurableModel:
         self.cache_misses += len(missing)
         self.cache_hits += len(wanted) - len(missing)
         if missing:
-            found, states = self.store.get_states(missing)
+            found, states = self.store.get_states(missing, slot=self.slot)
+            if counting:
+                self.new_users += int(len(found) - found.sum())
             if states is not None:
                 keys = [u for u, f in zip(missing, found, strict=True) if f]
                 table.load(
@@ -674,9 +805,9 @@ class DurableModel:
             self.model.items.mark(rows, seqs[cold])
         self._applied_seq = int(seqs[-1])
 
-    def _recover(self) -> int:
-        """Restore the checkpoint, then replay the log after it; how many records were replayed."""
-        stored = self.store.get_biases()
+    def restore(self) -> None:
+        """Load the slot's checkpointed biases and fold-in items (users come on demand)."""
+        stored = self.store.get_biases(slot=self.slot)
         if stored is not None:
             biases, _, version = decode_biases(stored)
             if version != self.model.version:
@@ -686,11 +817,15 @@ class DurableModel:
                     "a new store for this one"
                 )
             self.model.biases.restore(biases)
-        keys, items = self.store.all_states("items")
+        keys, items = self.store.all_states("items", slot=self.slot)
         if items is not None:
             self.model.items.load(
                 keys, items.A, items.b, items.count, seq=items.seq, updated=items.updated
             )
+
+    def _recover(self) -> int:
+        """Restore the checkpoint, then replay the log after it; how many records were replayed."""
+        self.restore()
         replayed = 0
         for seqs, records in _chunks(self.store.records_after(self._applied_seq)):
             first = 0
@@ -732,6 +867,45 @@ class Unavailable(DataError):
     """
 
 
-def _chunks(records: Iterator[tuple[int, bytes]]) -> Iterator[tuple[np.ndarray, list[bytes]]]:
+def _chunks(
+    records: Iterator[tuple[int, bytes]], upto: int | None = None, limit: int | None = None
+) -> Iterator[tuple[np.ndarray, list[bytes]]]:
+    """Log records in chunks of :data:`_REPLAY_CHUNK`, up to seq ``upto`` or ``limit`` records."""
+    if upto is not None:
+        records = takewhile(lambda record: record[0] <= upto, records)
+    if limit is not None:
+        records = islice(records, limit)
     while chunk := list(islice(records, _REPLAY_CHUNK)):
         yield np.array([seq for seq, _ in chunk], dtype=np.int64), [r for _, r in chunk]
+
+
+@dataclass(frozen=True)
+class _Logged:
+    """The columns of logged observations that applying them again needs, and their predictions."""
+
+    users: list[str]
+    items: list[str]
+    ratings: np.ndarray
+    timestamps: np.ndarray
+    predictions: np.ndarray
+    """What the version that logged each observation predicted for it."""
+
+    @classmethod
+    def of(cls, runs: Sequence[Applied]) -> _Logged:
+        return cls(
+            [u for run in runs for u in run.users],
+            [i for run in runs for i in run.items],
+            np.concatenate([run.ratings for run in runs]),
+            np.concatenate([run.timestamps for run in runs]),
+            np.concatenate([run.predictions for run in runs]),
+        )
+
+    def take(self, keep: np.ndarray) -> _Logged:
+        rows = np.flatnonzero(keep)
+        return _Logged(
+            [self.users[r] for r in rows],
+            [self.items[r] for r in rows],
+            self.ratings[rows],
+            self.timestamps[rows],
+            self.predictions[rows],
+        )

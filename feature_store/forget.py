@@ -23,7 +23,7 @@ from collections.abc import Sequence
 
 import rocksdict
 
-from feature_store.keyspace import ABOVE_UTF8, seq_key, user_prefix
+from feature_store.keyspace import ABOVE_UTF8, SLOTS, seq_key, state_key, user_prefix
 from feature_store.log import NEXT_SEQ_KEY
 from feature_store.rated import RatedIndex
 
@@ -51,7 +51,8 @@ class Forgetting(RatedIndex):
             records = [seq for seq in self.user_records(user) if seq >= start]
             for seq in records:
                 batch.delete(seq_key(seq), self._handles["log"])
-            batch.delete(user.encode(), self._handles["users"])
+            for slot in SLOTS:  # the active version's state, and a candidate's
+                batch.delete(state_key(user, slot), self._handles["users"])
             prefix = user_prefix(user)
             batch.delete_range(prefix, prefix + ABOVE_UTF8, self._handles["rated"])
             batch.put(self._tombstone(user), seq_key(self._next_seq), self._handles["forgotten"])
@@ -79,7 +80,9 @@ class Forgetting(RatedIndex):
             self._cf["log"].compact_range(seq_key(first), seq_key(last), options)
         prefix = user_prefix(user)
         self._cf["rated"].compact_range(prefix, prefix + ABOVE_UTF8, options)
-        self._cf["users"].compact_range(user.encode(), user.encode(), options)
+        for slot in SLOTS:
+            key = state_key(user, slot)
+            self._cf["users"].compact_range(key, key, options)
         self._cf["meta"].put(_ERASED_KEY, seq_key(len(records)))  # so the flush has a file
         self._flush_families()
 

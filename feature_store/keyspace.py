@@ -8,15 +8,21 @@ named after it):
   value = the observation and what applying it did
   (:func:`feature_store.codec.encode_log`);
 * ``users``: user id (UTF-8) -> state record (sufficient statistics tagged
-  with the last sequence number they include; :mod:`feature_store.checkpoints`);
+  with the last sequence number they include; :mod:`feature_store.checkpoints`),
+  in one of two *slots*: slot 0 keys are the ids, slot 1 keys the ids after
+  a 0xff byte (no UTF-8 text starts with one), so each slot is one key range
+  (:func:`slot_range`). The active version's state is in the active slot; a
+  candidate version is built in the other beside it, and a swap makes that one
+  active (DESIGN.md section 4);
 * ``items``: the same for items folded in online (unknown to the model version);
 * ``rated``: :func:`user_prefix` + item + sequence number -> empty, for every
   logged observation, written with the log (:mod:`feature_store.rated`: what
   top-K excludes, and which log records are a user's when they are forgotten);
 * ``forgotten``: a keyed hash of each deleted user's id -> the log position
   of the deletion (:mod:`feature_store.forget`);
-* ``meta``: the store's format, the online biases, the checkpoint watermark
-  and the install marker (:mod:`feature_store.checkpoints`), the next
+* ``meta``: the store's format, the active slot, and per slot the online
+  biases, the checkpoint watermark and the install marker
+  (:mod:`feature_store.checkpoints`; :func:`slot_meta` names them), the next
   sequence number and the durable watermark (:mod:`feature_store.log`), where
   the trimmed log starts (:mod:`feature_store.retention`), the idempotency
   receipts (:mod:`feature_store.receipts`) and the secret of the tombstones'
@@ -46,6 +52,25 @@ COLUMN_FAMILIES = ("log", "users", "items", "rated", "forgotten", "meta")
 STATE_FAMILIES = ("users", "items")
 LOG_START_KEY = b"log_start"  # in meta: retention trimmed the log before this sequence number
 ABOVE_UTF8 = b"\xff"  # no UTF-8 key starts with 0xff, so [b"", this) spans a family
+SLOTS = (0, 1)
+"""The state slots: the active version's, and the one a candidate version is built in."""
+ACTIVE_SLOT_KEY = b"active_slot"  # in meta: the slot of the active version's state (absent: 0)
+_SLOT_PREFIX = (b"", ABOVE_UTF8)
+
+
+def state_key(key: str, slot: int) -> bytes:
+    """The key of user or item ``key``'s state in ``slot``."""
+    return _SLOT_PREFIX[slot] + key.encode()
+
+
+def slot_range(slot: int) -> tuple[bytes, bytes]:
+    """The key range ``[first, end)`` of a state family that holds ``slot``'s states."""
+    return (b"", ABOVE_UTF8) if slot == 0 else (ABOVE_UTF8, ABOVE_UTF8 * 2)
+
+
+def slot_meta(name: bytes, slot: int) -> bytes:
+    """The meta key of ``slot``'s ``name`` (slot 0 keeps the names stores always had)."""
+    return name if slot == 0 else name + b"@1"
 
 
 def seq_key(seq: int) -> bytes:
@@ -129,6 +154,12 @@ class StoreParts:
     _next_seq: int
     _forgets: int
     """How many users were forgotten since the store opened (a trim checks it did not move)."""
+
+    @property
+    def active_slot(self) -> int:
+        """The slot whose states the active version serves from (:data:`SLOTS`)."""
+        stored = self._cf["meta"].get(ACTIVE_SLOT_KEY)
+        return stored[0] if stored is not None else 0
 
     @property
     def log_start(self) -> int:

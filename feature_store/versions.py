@@ -2,9 +2,11 @@
 
 :func:`open_active` is what ``velox serve`` runs at start: the active version
 of the registry, with the online store recovered if it already holds that
-version's state, or the version installed (trained users, then the log after
-its watermark applied again) if it holds another version's, an unfinished
-install, or nothing.
+version's state; brought up to date from the store's other slot if that
+holds the version exactly (a swap whose pointer move a crash prevented, or
+a rollback while the server was stopped); or else installed (trained users,
+then the log after its watermark applied again) if the store holds another
+version's, an unfinished install, or nothing.
 """
 
 from __future__ import annotations
@@ -68,10 +70,31 @@ def serve_version(
     )
     if store_version(store) == version.name:
         return DurableModel(model, store, config.store)
+    other = 1 - store.active_slot
+    if store.holds(other) == (version.name, True):  # a swap the pointer did not follow, or back
+        log.info("%s is in the store's other slot: applying the log after it", version.name)
+        durable = DurableModel(model, store, config.store, recover=False, slot=other, building=True)
+        durable.restore()
+        durable.reapplied = durable.reapply()
+        durable.take_over(config.store)
+        return durable
     log.info("installing model %s into %s", version.name, store.path)
-    # The trained states hold the log up to the watermark; a store whose log ends before it
-    # (recreated, or another store's training) has nothing more: states count from its end,
-    # else later records would look already included and never be checkpointed.
+    covered, users = install_point(version, artifacts, store)
+    return DurableModel.install(model, store, users, covered, config.store)
+
+
+def install_point(
+    version: ModelVersion, artifacts: TrainedModel, store: OnlineStore
+) -> tuple[int, tuple[list[str], StateBatch]]:
+    """Where installing ``version`` starts in ``store``'s log, and its trained users there.
+
+    The trained states hold the log up to the version's watermark; a store
+    whose log ends before it (recreated, or another store's training) has
+    nothing more: states count from its end, else later records would look
+    already included and never be checkpointed. Users deleted after the
+    watermark are left out. A log that retention trimmed past the start
+    cannot install the version (:class:`DataError`, saying what to do).
+    """
     covered = min(version.watermark, store.last_seq)
     if covered < version.watermark:
         log.warning(
@@ -88,8 +111,7 @@ def serve_version(
             "trim keeps the active one and the registry.keep newest ready ones installable)"
         )
     forgotten = store.forgotten(artifacts.user_ids, before=covered)
-    users = trained_users(artifacts, covered, forgotten)
-    return DurableModel.install(model, store, users, covered, config.store)
+    return covered, trained_users(artifacts, covered, forgotten)
 
 
 def open_active(config: VeloxConfig, backend: Backend) -> tuple[DurableModel, ModelVersion]:
