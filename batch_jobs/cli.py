@@ -48,6 +48,9 @@ def register(commands: argparse._SubParsersAction) -> None:
     )
     train.add_argument("--activate", action="store_true", help="activate the version when ready")
     train.add_argument(
+        "--run-id", help="a label recorded in the version's parameters as run (the retrain run)"
+    )
+    train.add_argument(
         "--half-life",
         type=float,
         metavar="N",
@@ -79,4 +82,5 @@ def _train(args: argparse.Namespace, config: VeloxConfig) -> None:
         watermark=args.watermark,
         spark_conf=parse_overrides(args.conf),
         activate=args.activate,
+        run_id=args.run_id,
     ).run()

@@ -54,6 +54,9 @@ class TrainJob:
 
     ``source`` defaults to the offline store (up to ``watermark``, default its
     watermark); ``spark`` reuses a running session instead of starting one.
+    ``run_id`` is recorded in the version's parameters as ``run``, so the
+    retrain runner that started this job in another process finds its version
+    in the registry without guessing.
     """
 
     config: VeloxConfig
@@ -64,6 +67,7 @@ class TrainJob:
     spark: object = None
     init: np.ndarray | None = None
     emit: Callable[[str], None] = print
+    run_id: str | None = None
 
     def run(self) -> ModelVersion:
         started = time.perf_counter()
@@ -103,6 +107,7 @@ class TrainJob:
                 **dataclasses.asdict(params),
                 "source": str(source),
                 "validation": train.validation,
+                **({"run": self.run_id} if self.run_id else {}),
             }
             with registry.building(
                 engine=train.engine,
