@@ -113,6 +113,8 @@ class Candidate:
     tally: GateTally
     resumed: bool
     """Whether the slot already held this version's state (a restart resumed the build)."""
+    phases: dict[str, float] = field(default_factory=dict)
+    """Seconds of building (``candidate``: the trained users) and of catching up (``catch_up``)."""
     forgotten: set[str] = field(default_factory=set)
     _forgotten_lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -132,6 +134,7 @@ class Candidate:
         a swap replaced: a rollback). Nothing of the log is applied yet:
         :meth:`catch_up` does that.
         """
+        began = time.perf_counter()
         slot = 1 - store.active_slot
         artifacts = registry.load(version.number)
         model = artifacts.online_model(
@@ -153,7 +156,9 @@ class Candidate:
             )
             resumed = False
         serve = config.serve
-        return cls(version, durable, GateTally(serve.rating_min, serve.rating_max), resumed)
+        tally = GateTally(serve.rating_min, serve.rating_max)
+        phases = {"candidate": time.perf_counter() - began}
+        return cls(version, durable, tally, resumed, phases)
 
     @property
     def lag(self) -> int:
@@ -168,6 +173,7 @@ class Candidate:
         round (a restart resumes from it). ``stop`` ends it between chunks.
         """
         done = 0
+        began = time.perf_counter()
         while True:
             if stop is not None and stop.is_set():
                 break
@@ -176,6 +182,7 @@ class Candidate:
             if applied == 0 or self.lag <= within:
                 break
         self.durable.flush(force=True)
+        self.phases["catch_up"] = self.phases.get("catch_up", 0.0) + time.perf_counter() - began
         return done
 
     def swap(self, live: DurableModel, config: VeloxConfig) -> float:

@@ -534,34 +534,17 @@ class DurableModel:
             self.flush()
         self.store.close()
 
-    @contextmanager
-    def handing_over(self, reason: str) -> Iterator[None]:
-        """Everything written back and every lock held while another model takes the store.
-
-        Writers and readers wait; afterwards this model refuses both
-        (:class:`Replaced`), so callers switch to the new one. A broken model
-        refuses: after a failed write or fsync only a reopen may trust the log.
-        """
-        self._check_intact()
-        self._stop_writer()
-        with self._flush_lock, self._write_lock, self._lock:
-            self._persist(self._snapshot())
-            try:
-                yield
-            except BaseException:
-                if self.store.installing(slot=self.slot) is not None:  # its checkpoints are gone
-                    self._broken = "a version switch failed part-way; restart to finish it"
-                else:
-                    self._start_writer()
-                raise
-            self._retired = reason
-
     # ------------------------------------------------------------------ swap
 
     @contextmanager
     def writes_held(self) -> Iterator[None]:
-        """No batch is applied or committed meanwhile (a swap's critical section)."""
+        """No batch is applied or committed meanwhile (a swap's critical section).
+
+        A broken model refuses: after a failed write or fsync only a reopen may
+        trust the log, so no version takes over from it.
+        """
         with self._write_lock:
+            self._check_intact()
             yield
 
     def take_over(self, config: StoreConfig) -> None:

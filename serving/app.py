@@ -42,17 +42,22 @@ from serving.http import (
 )
 from serving.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from serving.metrics import Metrics, ModelFigures
+from serving.monitor import monitor_report
 from serving.observe import Observations
 from serving.openapi import openapi_document
+from serving.retrain import Retrainer
 from serving.schemas import (
     OBSERVE,
     PREDICT,
+    RETRAIN,
     TOPK,
     Activated,
     Forgotten,
     Models,
     ObservationBody,
     RequestError,
+    RetrainAccepted,
+    RetrainRequest,
     ScoredItem,
     Scores,
     Status,
@@ -193,6 +198,7 @@ async def delete_user(request: web.Request) -> web.Response:
     state = request.app[STATE]
     user = check_id(request.match_info["user"], "user", state.limits)
     forgotten = await state.gate.exclusive(state.durable.delete_user, user)
+    state.versions.forget(user)  # a candidate being built drops them too
     return json_response(
         Forgotten(
             user, True, forgotten.log_records, forgotten.offline_rows, forgotten.registry_rows
@@ -213,7 +219,18 @@ async def models(request: web.Request) -> web.Response:
         for v in versions
     ]
     lagging = active is not None and active != serving
-    return json_response(Models(active, serving, lagging, state.versions.problem, summaries))
+    retrainer = state.retrainer
+    return json_response(
+        Models(
+            active,
+            serving,
+            lagging,
+            state.versions.problem,
+            summaries,
+            monitor_report(retrainer.monitor.snapshot()),
+            retrainer.report(),
+        )
+    )
 
 
 async def activate(request: web.Request) -> web.Response:
@@ -232,6 +249,17 @@ async def activate(request: web.Request) -> web.Response:
         )
     await state.versions.activate(version)
     return json_response(Activated(version.name))
+
+
+async def retrain(request: web.Request) -> web.Response:
+    """Start a retrain now (202), or say which one already runs (200): :mod:`serving.retrain`."""
+    state = request.app[STATE]
+    raw = await request.read()
+    body = decode(raw, RETRAIN) if raw.strip() else RetrainRequest()
+    run, decision = state.retrainer.request(body.reason, force=body.force)
+    if not decision.run:
+        return json_response(RetrainAccepted(run.id, "running", decision.reason))
+    return json_response(RetrainAccepted(run.id, "started", decision.reason), status=202)
 
 
 # --------------------------------------------------------------------- service
@@ -269,6 +297,7 @@ ROUTES: list[Route] = [
     ("/users/{user}", "DELETE", delete_user, WRITE),
     ("/models", "GET", models, READ),
     ("/models/{version}/activate", "POST", activate, ADMIN),
+    ("/retrain", "POST", retrain, ADMIN),
     ("/healthz", "GET", healthz, None),
     ("/readyz", "GET", readyz, None),
     ("/metrics", "GET", metrics, None),
@@ -291,7 +320,9 @@ async def _model_ctx(app: web.Application):
     app[STATE] = state = Serving(
         config, durable, registry, metrics, Deadline(config.serve.deadline_ms, metrics)
     )
-    state.versions = VersionSwitch(state, version.name)
+    state.versions = VersionSwitch(state, version.name, backend)
+    state.retrainer = Retrainer(state, state.versions)
+    state.retrainer.start_monitoring(version)
     metrics.read_model(lambda: _figures(state))
     app[READS] = ReadBatcher(
         lambda users, lists, oldest: _predict_batch(state, users, lists, oldest)
@@ -338,6 +369,15 @@ def _follow_ctx(every: float):
     return follow
 
 
+async def _retrain_ctx(app: web.Application):
+    """The retrain loop: a policy check every ``retrain.check_interval``, runs resumed."""
+    retrainer = app[STATE].retrainer
+    retrainer.resume()
+    watcher = asyncio.get_running_loop().create_task(retrainer.watch(), name="velox-retrain")
+    yield
+    await retrainer.stop(watcher)
+
+
 def create_app(config: VeloxConfig) -> web.Application:
     """The serving application for ``config`` (the model loads when the app starts).
 
@@ -353,5 +393,6 @@ def create_app(config: VeloxConfig) -> web.Application:
     app.cleanup_ctx.append(_model_ctx)
     app.cleanup_ctx.append(_observe_ctx)
     app.cleanup_ctx.append(_follow_ctx(config.serve.follow_interval))
+    app.cleanup_ctx.append(_retrain_ctx)
     add_routes(app.router, ROUTES)
     return app

@@ -104,16 +104,29 @@ class Observations:
     def _apply(self, users: list, items: list, ratings: list, ts: list, tags: list):
         """Apply and log one batch without fsync; its columns as lists (answers slice them)."""
         receipts = [Receipt(key, digest, first, n) for (key, digest), first, n in tags]
+        state = self._state
+        durable = state.durable
+        new_before = durable.new_users
         try:
-            applied, seqs = self._state.durable.observe(
+            applied, seqs = durable.observe(
                 users, items, ratings, ts, sync=False, receipts=receipts
             )
         except Replaced:  # a version switch finished while this batch waited: use the new one
-            applied, seqs = self._state.durable.observe(
+            durable = state.durable
+            new_before = durable.new_users
+            applied, seqs = durable.observe(
                 users, items, ratings, ts, sync=False, receipts=receipts
             )
         errors = applied.predictions - applied.ratings
-        self._state.metrics.prequential(applied.version, float(np.sum(errors**2)), len(errors))
+        state.metrics.prequential(applied.version, float(np.sum(errors**2)), len(errors))
+        if state.retrainer is not None:
+            state.retrainer.observed(
+                applied.version,
+                applied.predictions,
+                applied.ratings,
+                applied.timestamps,
+                durable.new_users - new_before,
+            )
         return seqs.tolist(), applied.predictions.tolist(), applied.cold.tolist()
 
     def _from_log(self, receipt: Receipt) -> Observed:

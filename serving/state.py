@@ -22,6 +22,7 @@ from velox.config import ServeConfig, VeloxConfig
 
 if TYPE_CHECKING:
     from serving.observe import Observations
+    from serving.retrain import Retrainer
     from serving.versions import VersionSwitch
 
 
@@ -67,6 +68,7 @@ class Serving:
     gate: Gate = field(default_factory=Gate)
     observations: Observations | None = None
     versions: VersionSwitch | None = None
+    retrainer: Retrainer | None = None
 
     @property
     def limits(self) -> ServeConfig:

@@ -235,8 +235,8 @@ def test_a_failed_log_sync_refuses_further_writes_until_reopened(tmp_path, monke
         durable.observe(*next(_batches(1, seed=4)), sync=False)
     with pytest.raises(DataError, match="refuses writes"):
         durable.sync_log()
-    with pytest.raises(DataError, match="refuses writes"), durable.handing_over("a switch"):
-        pass  # no version switch around a broken log: only a reopen
+    with pytest.raises(DataError, match="refuses writes"), durable.writes_held():
+        pass  # no version swap around a broken log: only a reopen
     _crash(durable)
     assert _open(path).store.last_seq == 17  # reopening recovers what the log holds
 
