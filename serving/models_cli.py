@@ -5,8 +5,9 @@ registry's ``ACTIVE`` pointer is the single truth of which version serves: a
 running server follows it (:mod:`serving.versions`), so ``activate`` and
 ``rollback`` end in the server switching, and they wait for the server at
 ``serve.host:serve.port`` to say it serves the new version (``--wait 0``
-does not wait). ``list`` and ``show`` say which version that server serves
-and whether it lags the pointer, when one answers.
+does not wait). ``list`` and ``show`` say which version that server serves,
+whether it lags the pointer, how stale that version is (the monitor) and what
+the retrain loop decided and ran last, when one answers.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import Any
 
 from feature_store.layout import DataLayout
 from feature_store.registry import ModelRegistry, ModelVersion
+from serving.triggers import readable_duration, utc_text
 from velox.config import VeloxConfig
 from velox.errors import DataError, InputError
 
@@ -92,7 +94,7 @@ def _list(registry: ModelRegistry, config: VeloxConfig) -> None:
     widths = [max(len(row[c]) for row in rows) for c in range(len(rows[0]) - 1)]
     for row in rows:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=False)), row[-1])
-    print(_server_line(config))
+    _print_server(config)
 
 
 def _show(version: ModelVersion, config: VeloxConfig) -> None:
@@ -115,7 +117,7 @@ def _show(version: ModelVersion, config: VeloxConfig) -> None:
     for name, value in fields.items():
         if value not in (None, ""):
             print(f"{name}: {value}")
-    print(_server_line(config))
+    _print_server(config)
 
 
 def _server_url(config: VeloxConfig) -> str:
@@ -142,15 +144,100 @@ def _served(config: VeloxConfig) -> dict[str, Any] | None:
         return None
 
 
-def _server_line(config: VeloxConfig) -> str:
+def _print_server(config: VeloxConfig) -> None:
     served = _served(config)
     if served is None:
-        return f"no server answers at {_server_url(config)}"
-    line = f"the server at {_server_url(config)} serves {served['serving']}"
+        print(f"no server answers at {_server_url(config)}")
+        return
+    for line in served_lines(_server_url(config), served):
+        print(line)
+
+
+def served_lines(url: str, served: dict[str, Any]) -> list[str]:
+    """What the server at ``url`` says in its ``GET /models`` answer, for people."""
+    line = f"the server at {url} serves {served['serving']}"
     if served["lagging"]:
         line += f", not yet the registry's active {served['active']}"
     if served.get("problem"):
         line += f" ({served['problem']})"
+    lines = [line]
+    if served.get("monitor"):
+        lines += _monitor_lines(served["monitor"])
+    if served.get("retrain"):
+        lines += _retrain_lines(served["retrain"])
+    return lines
+
+
+_SHOWN_WINDOWS = 6
+"""Newest per-time-window RMSE buckets ``velox models`` prints (the server keeps up to 24)."""
+
+
+def _rmse(value: float | None, count: int) -> str:
+    return "none yet" if value is None else f"{value:.4f} over {count} observations"
+
+
+def _monitor_lines(monitor: dict[str, Any]) -> list[str]:
+    age = monitor["age_seconds"]
+    line = f"monitor of {monitor['version']}: rolling RMSE "
+    line += _rmse(monitor["rolling_rmse"], monitor["rolling_count"])
+    if monitor["degradation"] is not None:
+        line += f", {monitor['degradation']:.2f}x the reference {monitor['reference_rmse']:.4f}"
+    validation = monitor["validation_rmse"]
+    lines = [
+        line,
+        f"  first window: {_rmse(monitor['first_rmse'], monitor['first_count'])} "
+        f"(of {monitor['window']}); validation RMSE at training: "
+        + ("unknown" if validation is None else f"{validation:.4f}"),
+        f"  since watermark {monitor['watermark']}: {monitor['observations_since_watermark']} "
+        f"observations, {monitor['new_users_since_watermark']} new users; age "
+        + ("unknown" if age is None else readable_duration(age)),
+    ]
+    windows = monitor["windows"][-_SHOWN_WINDOWS:]
+    if windows:
+        lines.append(
+            "  RMSE by time window: "
+            + ", ".join(f"{utc_text(w['start'])} {w['rmse']:.4f} ({w['count']})" for w in windows)
+        )
+    return lines
+
+
+def _retrain_lines(retrain: dict[str, Any]) -> list[str]:
+    mode = "automatic" if retrain["enabled"] else "manual only (retrain.enabled is false)"
+    now = "running" + (f", phase {retrain['phase']}" if retrain["phase"] else "")
+    lines = [f"retrain: {mode}; {now if retrain['running'] else 'idle'}"]
+    decision = retrain["last_decision"]
+    if decision:
+        verb = "starts" if decision["run"] else "waits"
+        lines.append(
+            f"  last decision, {utc_text(decision['at'])}: {verb} ({decision['trigger']}): "
+            f"{decision['reason']}"
+        )
+    run = retrain["last_run"]
+    if run:
+        lines.append("  " + _run_line(run))
+    if retrain["next_retry"] is not None:
+        lines.append(f"  next retry at {utc_text(retrain['next_retry'])}")
+    return lines
+
+
+def _run_line(run: dict[str, Any]) -> str:
+    line = f"last run {run['id']}, started {utc_text(run['started'])}: "
+    line += run["outcome"] or "running"
+    if run["version"]:
+        line += f", {run['version']}"
+    if run["reason"]:
+        line += f" ({run['reason']})"
+    if run["phases"]:
+        phases = ", ".join(f"{name} {seconds:.1f} s" for name, seconds in run["phases"].items())
+        line += f"; phases: {phases}"
+    gate = run["gate"]
+    if gate:
+        line += (
+            f"; gate: active RMSE {gate['active_rmse']:.4f}, candidate "
+            f"{gate['candidate_rmse']:.4f} over {gate['observations']} observations"
+        )
+    if run["log"]:
+        line += f"; log: {run['log']}"
     return line
 
 

@@ -63,7 +63,7 @@ class _Check:
     figures: str
 
 
-def _duration(seconds: float) -> str:
+def readable_duration(seconds: float) -> str:
     """``seconds`` in the unit a person reads best: s, min, h or d."""
     for unit, size in (("d", 86_400.0), ("h", 3600.0), ("min", 60.0)):
         if abs(seconds) >= 2 * size:
@@ -71,7 +71,7 @@ def _duration(seconds: float) -> str:
     return f"{seconds:.0f} s"
 
 
-def _utc(epoch: float) -> str:
+def utc_text(epoch: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(epoch))
 
 
@@ -140,7 +140,11 @@ class RetrainPolicy:
         config = self._config
         held = next((c for c in checks if c.holds), None)
         if running:
-            since = "" if last_started is None else f", started {_duration(now - last_started)} ago"
+            since = (
+                ""
+                if last_started is None
+                else f", started {readable_duration(now - last_started)} ago"
+            )
             return Decision(False, "running", f"a retrain is running{since}", now)
         if not config.enabled:
             would = f"{held.trigger} would retrain: {held.figures}" if held else _not_yet(checks)
@@ -161,12 +165,12 @@ class RetrainPolicy:
                 return Decision(
                     False,
                     "backoff",
-                    f"{attempt} waits {_duration(due - now)} more "
-                    f"(backoff {_duration(wait)} after the failure)",
+                    f"{attempt} waits {readable_duration(due - now)} more "
+                    f"(backoff {readable_duration(wait)} after the failure)",
                     now,
                 )
             return Decision(
-                True, "retry", f"{attempt}: the backoff of {_duration(wait)} ended", now
+                True, "retry", f"{attempt}: the backoff of {readable_duration(wait)} ended", now
             )
         if held is None:
             return Decision(False, "none", _not_yet(checks), now)
@@ -175,8 +179,8 @@ class RetrainPolicy:
                 False,
                 "min_interval",
                 f"{held.trigger} holds ({held.figures}) but the last retrain started "
-                f"{_duration(now - last_started)} ago; retrain.min_interval is "
-                f"{_duration(config.min_interval)}",
+                f"{readable_duration(now - last_started)} ago; retrain.min_interval is "
+                f"{readable_duration(config.min_interval)}",
                 now,
             )
         return Decision(True, held.trigger, held.figures, now)
@@ -209,7 +213,7 @@ class RetrainPolicy:
                     _Check(
                         "age",
                         age >= config.max_age,
-                        f"age {_duration(age)} of {_duration(config.max_age)}",
+                        f"age {readable_duration(age)} of {readable_duration(config.max_age)}",
                     )
                 )
         if self._cron:
@@ -219,8 +223,8 @@ class RetrainPolicy:
     def _cron_check(self, now: float) -> _Check:
         due = croniter(self._cron, self._checked).get_next(float)
         if due <= now:
-            return _Check("cron", True, f"the schedule {self._cron!r} fell due at {_utc(due)}")
-        return _Check("cron", False, f"next scheduled retrain at {_utc(due)} ({self._cron!r})")
+            return _Check("cron", True, f"the schedule {self._cron!r} fell due at {utc_text(due)}")
+        return _Check("cron", False, f"next scheduled retrain at {utc_text(due)} ({self._cron!r})")
 
 
 def _degradation(snapshot: MonitorSnapshot, config: RetrainConfig) -> _Check:

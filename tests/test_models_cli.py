@@ -4,10 +4,16 @@ from __future__ import annotations
 
 import socket
 
+import msgspec
+import numpy as np
 import pytest
 
+from serving.models_cli import served_lines
+from serving.monitor import VersionMonitor, monitor_report
+from serving.schemas import DecisionReport, GateReport, Models, RetrainReport, RunReport
 from tests.test_serving import _publish
 from velox.cli import main
+from velox.config import RetrainConfig
 
 
 @pytest.fixture
@@ -74,3 +80,45 @@ def test_mistakes_are_one_sentence_and_change_nothing(velox, args, message):
     code, out = velox("models", *args)
     assert code == 2 and out.startswith("velox: error: ") and message in out
     assert _states(velox.registry) == {"v1": "active", "v2": "ready", "v3": "ready"}
+
+
+def test_a_servers_monitor_and_retrain_status_are_printed_for_people():
+    monitor = VersionMonitor(
+        RetrainConfig(window=4, degradation_min_observations=1), clock=lambda: 7200.0
+    )
+    monitor.activated("v2", trained_at=0.0, watermark=70, validation_rmse=0.5)
+    monitor.observed("v2", np.ones(2), np.zeros(2), np.array([0.0, 3600.0]), new_users=1)
+    run = RunReport(
+        id="r7",
+        outcome="rejected",
+        reason="the candidate is worse",
+        version="v3",
+        started=60.0,
+        finished=90.0,
+        phases={"export": 1.25, "train": 20.0},
+        gate=GateReport(active_rmse=0.9, candidate_rmse=0.95, observations=1200),
+        log="data/retrain/r7.log",
+    )
+    retrain = RetrainReport(
+        enabled=False,
+        running=True,
+        phase="train",
+        last_decision=DecisionReport(trigger="manual", run=True, reason="asked for: x", at=120.0),
+        last_run=run,
+        next_retry=None,
+    )
+    models = Models("v2", "v2", False, None, [], monitor_report(monitor.snapshot()), retrain)
+    served = msgspec.json.decode(msgspec.json.encode(models))
+    assert served_lines("http://h:1", served) == [
+        "the server at http://h:1 serves v2",
+        "monitor of v2: rolling RMSE 1.0000 over 2 observations, 2.00x the reference 0.5000",
+        "  first window: 1.0000 over 2 observations (of 4); validation RMSE at training: 0.5000",
+        "  since watermark 70: 2 observations, 1 new users; age 2.0 h",
+        "  RMSE by time window: 1970-01-01 00:00:00 UTC 1.0000 (1), "
+        "1970-01-01 01:00:00 UTC 1.0000 (1)",
+        "retrain: manual only (retrain.enabled is false); running, phase train",
+        "  last decision, 1970-01-01 00:02:00 UTC: starts (manual): asked for: x",
+        "  last run r7, started 1970-01-01 00:01:00 UTC: rejected, v3 (the candidate is worse); "
+        "phases: export 1.2 s, train 20.0 s; gate: active RMSE 0.9000, candidate 0.9500 over "
+        "1200 observations; log: data/retrain/r7.log",
+    ]
