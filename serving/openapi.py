@@ -93,6 +93,11 @@ def openapi_document() -> dict[str, Any]:
         "schema": {"type": "string", "minLength": 1},
     }
     reads = (400, 401, 403, 413, 415, 422, 503)  # 415: a Content-Encoding not accepted
+    # POST /retrain: 202 when it starts a run, 200 when one already runs; no body: defaults.
+    start_retrain = operation("Start a retrain now (admin)", retrain, accepted, *reads)
+    start_retrain["responses"]["202"] = {"description": "started", "content": _content(accepted)}
+    start_retrain["responses"]["200"]["description"] = "a retrain already runs"
+    start_retrain["requestBody"]["required"] = False
     return {
         "openapi": "3.1.0",
         "info": {"title": "Velox", "version": "1", "description": "Online personalisation."},
@@ -120,12 +125,7 @@ def openapi_document() -> dict[str, Any]:
                 "parameters": [path_parameter("version")],
                 "post": operation("Serve a ready version", None, activated, 401, 403, 404, 409),
             },
-            "/retrain": {
-                "post": {
-                    **operation("Start a retrain now (admin)", retrain, accepted, *reads),
-                    "requestBody": {"required": False, "content": _content(retrain)},
-                }
-            },
+            "/retrain": {"post": start_retrain},
             "/healthz": {"get": operation("Liveness", None, status)},
             "/readyz": {"get": operation("Readiness", None, status, 503)},
             "/metrics": {
