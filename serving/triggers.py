@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from croniter import croniter
 
 from serving.monitor import MonitorSnapshot
+from serving.schemas import DecisionReport, Trigger
 from velox.config import RetrainConfig
 
 log = logging.getLogger(__name__)
@@ -48,7 +49,7 @@ class Decision:
     """Whether a retrain starts now, the trigger that decided it, and why, in one sentence."""
 
     run: bool
-    trigger: str
+    trigger: Trigger
     """Why it runs (degradation, observations, new_users, age, cron, manual, retry) or why
     not (none, running, disabled, backoff, retries_exhausted, min_interval)."""
     reason: str
@@ -56,9 +57,14 @@ class Decision:
     """When it was decided (epoch seconds, by the policy's clock)."""
 
 
+def decision_report(decision: Decision) -> DecisionReport:
+    """The decision as ``GET /models`` sends it."""
+    return DecisionReport(decision.trigger, decision.run, decision.reason, decision.at)
+
+
 @dataclass(frozen=True)
 class _Check:
-    trigger: str
+    trigger: Trigger
     holds: bool
     figures: str
 

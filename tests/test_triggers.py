@@ -10,7 +10,8 @@ import logging
 import pytest
 
 from serving.monitor import MonitorSnapshot
-from serving.triggers import RetrainPolicy
+from serving.schemas import DecisionReport
+from serving.triggers import RetrainPolicy, decision_report
 from velox.config import RetrainConfig
 
 HOUR = 3600.0
@@ -143,6 +144,7 @@ def test_cron_fires_at_its_time_and_not_before():
     fired = _decide(policy, _snapshot())
     assert (fired.run, fired.trigger, fired.at) == (True, "cron", clock.now)
     assert fired.reason == "the schedule '0 6 * * *' fell due at 2026-12-03 06:00:00 UTC"
+    assert decision_report(fired) == DecisionReport("cron", True, fired.reason, clock.now)
     clock.now += 30.0
     assert _decide(policy, _snapshot()).trigger == "none"  # fired once
     clock.now += 24 * HOUR
