@@ -197,11 +197,16 @@ class VersionMonitor:
 
     def _add_buckets(self, squared: np.ndarray, timestamps: np.ndarray) -> None:
         length = self._config.window_seconds
-        keys, where = np.unique(np.floor(timestamps / length), return_inverse=True)
-        counts = np.bincount(where, minlength=len(keys))
-        sums = np.bincount(where, weights=squared, minlength=len(keys))
+        keys = np.floor(timestamps / length)
+        if keys.min() == keys.max():  # the usual batch: a few ms of traffic, one window
+            groups = zip([keys[0]], [len(keys)], [float(np.sum(squared))], strict=True)
+        else:
+            keys, where = np.unique(keys, return_inverse=True)
+            counts = np.bincount(where, minlength=len(keys))
+            sums = np.bincount(where, weights=squared, minlength=len(keys))
+            groups = zip(keys.tolist(), counts.tolist(), sums.tolist(), strict=True)
         buckets = self._buckets
-        for key, count, total in zip(keys.tolist(), counts.tolist(), sums.tolist(), strict=True):
+        for key, count, total in groups:
             bucket = buckets.setdefault(key * length, [0, 0.0])
             bucket[0] += count
             bucket[1] += total
