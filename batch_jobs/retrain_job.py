@@ -62,6 +62,7 @@ _POLL_S = 0.05
 """How often a waiting run looks at its child, the clock and ``cancel``."""
 _TAIL_BYTES = 65_536
 """How much of a phase's output is searched for its error line."""
+_NAMED = {int(named) for named in signal.Signals}
 _EXCEPTION = re.compile(r"[A-Za-z_][\w.]*(Error|Exception|Exit)\b")
 
 
@@ -188,13 +189,13 @@ class _Run:
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
-                env=child_environment(),
+                env=_child_environment(),
             )
             self._note(out, name, f"pid {child.pid} (also its process group)")
             try:
                 stopped = self._watch(child)
             finally:
-                end_group(child, self.grace)
+                _end_group(child, self.grace)
             seconds = time.perf_counter() - started
             ending = f"exit code {child.returncode}" if stopped is None else stopped
             self._note(out, name, f"ended ({ending}) after {seconds:.1f} s")
@@ -231,7 +232,7 @@ class _Run:
             )
         line = error_line(_tail(self.log_path, offset))
         if code < 0:
-            kind = signal.Signals(-code).name
+            kind = signal.Signals(-code).name if -code in _NAMED else f"signal {-code}"
             hint = " (as the out-of-memory killer does)" if kind == "SIGKILL" else ""
             return self.failed(
                 "killed", name, f"velox {name} was killed by {kind}{hint}; its last line: {line}"
@@ -248,7 +249,7 @@ class _Run:
         out.write(f"== run {self.run_id}: {phase}: {stamp} {text}\n".encode())
 
 
-def child_environment() -> dict[str, str]:
+def _child_environment() -> dict[str, str]:
     """This process's environment without the settings variables, and with unbuffered output.
 
     Without buffering a child's lines reach the log as they are printed,
@@ -263,7 +264,7 @@ def child_environment() -> dict[str, str]:
     return environment
 
 
-def end_group(child: subprocess.Popen, grace: float) -> None:
+def _end_group(child: subprocess.Popen, grace: float) -> None:
     """Leave no process of ``child``'s group: SIGTERM, SIGKILL after ``grace`` s, then wait.
 
     Also after a clean exit, for anything the child left behind. Returns when
