@@ -145,6 +145,9 @@ def summarize(
             holds=asdict(found),
             users_estimate=counts["users"],
             folded_in_items_estimate=counts["items"],
+            durable_seq=store.durable_seq,
+            missing=store.missing,
+            accepted_losses=[asdict(loss) for loss in store.accepted_losses],
         )
     if layout.offline.is_dir():
         offline = OfflineStore(layout.offline)

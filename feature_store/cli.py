@@ -1,11 +1,13 @@
-"""``velox store``: inspect, back up, restore, forget and trim, on a stopped or running server.
+"""``velox store``: inspect, verify, back up, restore, recover, forget and trim.
 
 Registered as a ``velox.commands`` entry point (see :mod:`velox.cli`).
 ``inspect`` works next to a running server (a read-only view) and shows the
-log's extent and what holds it back; ``backup``, ``restore``, ``forget`` and
-``trim`` need the store to themselves and say so when a
-server holds it (``DELETE /users/{id}`` forgets on a running one). ``forget``
-takes the server's path: it opens the active version and calls
+log's extent, what holds it back, the durable sequence number and every loss
+accepted; ``verify`` (also beside a server) reads every block and every
+registry artifact against its checksum and exits 1 on any problem;
+``backup``, ``restore``, ``recover``, ``forget`` and ``trim`` need the store
+to themselves and say so when a server holds it (``DELETE /users/{id}``
+forgets on a running one). ``forget`` takes the server's path: it opens the active version and calls
 :meth:`~feature_store.durable.DurableModel.delete_user`.
 """
 
@@ -19,6 +21,8 @@ from feature_store.backup import backup, restore, summarize
 from feature_store.layout import DataLayout
 from feature_store.online import OnlineStore
 from feature_store.retention import trim
+from feature_store.storage_errors import describe_loss
+from feature_store.verify import verify
 from feature_store.versions import open_active
 from velox.backend import CPU
 from velox.config import VeloxConfig
@@ -32,6 +36,20 @@ def register(commands: argparse._SubParsersAction) -> None:
     inspect = actions.add_parser("inspect", help="print log positions, counts, model versions")
     inspect.add_argument("--json", action="store_true", help="print JSON instead of text")
     inspect.set_defaults(handler=_inspect)
+    check = actions.add_parser(
+        "verify", help="check every block of the online store and every registry artifact"
+    )
+    check.set_defaults(handler=_verify)
+    recover = actions.add_parser(
+        "recover", help="open a store whose log lost acknowledged observations, recording the loss"
+    )
+    recover.add_argument(
+        "--accept-loss",
+        action="store_true",
+        help="give up what the damaged or missing write-ahead log held (recorded; sequence "
+        "numbers continue after it)",
+    )
+    recover.set_defaults(handler=_recover)
     save = actions.add_parser("backup", help="back the data folder up into a new folder")
     save.add_argument("dir", help="backup folder to create")
     save.set_defaults(handler=_backup)
@@ -80,6 +98,11 @@ def _describe(layout: DataLayout, summary: dict[str, Any]) -> str:
             f"online states     ~{summary['users_estimate']} users, "
             f"~{summary['folded_in_items_estimate']} folded-in items"
         )
+        lines.append(f"durable seq       {summary['durable_seq']}{_missing(summary['missing'])}")
+        lines += [
+            f"accepted loss     seq {loss['first']} .. {loss['last']} (at {loss['accepted']})"
+            for loss in summary["accepted_losses"]
+        ]
     if "offline_watermark" in summary:
         days = summary["offline_days"]
         span = f"{days[0]} .. {days[-1]}" if days else "no days"
@@ -91,6 +114,51 @@ def _describe(layout: DataLayout, summary: dict[str, Any]) -> str:
             f"watermark {v['watermark']}  {metrics}".rstrip()
         )
     return "\n".join(lines)
+
+
+def _missing(missing: tuple[int, int] | None) -> str:
+    if missing is None:
+        return ""
+    return (
+        f"; MISSING seq {missing[0]} .. {missing[1]}: restore a backup (velox store restore) "
+        "or accept the loss (velox store recover --accept-loss)"
+    )
+
+
+def _verify(args: argparse.Namespace, config: VeloxConfig) -> None:
+    """Print what was checked and one line per problem; exit 1 when there is any."""
+    found = verify(DataLayout.from_config(config))
+    for line in found.checked:
+        print(f"checked  {line}")
+    for line in found.problems:
+        print(f"PROBLEM  {line}")
+    print(f"{len(found.problems)} problems found")
+    if found.problems:
+        raise SystemExit(1)
+
+
+def _recover(args: argparse.Namespace, config: VeloxConfig) -> None:
+    """Open the store past a lost log tail, recording the loss; without the flag, only say it."""
+    layout = _online(config)
+    if not args.accept_loss:
+        with OnlineStore(layout.online, read_only=True) as view:
+            gone = view.missing
+        if gone is None:
+            print(f"store {layout.online} has every acknowledged observation; nothing to recover")
+            return
+        raise DataError(
+            f"{describe_loss(layout.online, gone)} (pass --accept-loss to give them up)"
+        )
+    with OnlineStore(layout.online, accept_loss=True) as store:
+        loss = store.accepted_now
+        upto = store.last_seq
+    if loss is not None:
+        print(
+            f"recorded the loss of seq {loss.first} .. {loss.last} in {layout.online}; "
+            f"the next observation gets seq {upto + 1}"
+        )
+    else:
+        print(f"store {layout.online} opens with every acknowledged observation (up to seq {upto})")
 
 
 def _backup(args: argparse.Namespace, config: VeloxConfig) -> None:

@@ -10,6 +10,7 @@ import rocksdict
 from feature_store.codec import Observation
 from feature_store.keyspace import check_folder, family_options, iterate_log, last_seq
 from feature_store.log import SYNCED_KEY
+from feature_store.storage_errors import describe_failure
 from velox.errors import DataError
 
 
@@ -34,7 +35,7 @@ class LogReader:
                 access_type=rocksdict.AccessType.secondary(str(scratch)),
             )
         except Exception as exc:  # rocksdict raises a bare Exception for every failed open
-            raise DataError(f"store {self.path} could not be opened for reading: {exc}") from None
+            raise DataError(describe_failure(self.path, exc, "opened for reading")) from None
 
     def catch_up(self) -> None:
         """See everything the primary has committed so far."""

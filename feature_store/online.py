@@ -30,6 +30,7 @@ from pathlib import Path
 import rocksdict
 
 from feature_store.checkpoints import Checkpoints
+from feature_store.durable_mark import MARK_FILE, read_mark
 from feature_store.forget import Forgetting
 from feature_store.keyspace import COLUMN_FAMILIES, STORE_FORMAT, check_folder, family_options
 from feature_store.log import ObservationLog
@@ -37,6 +38,7 @@ from feature_store.log_reader import LogReader
 from feature_store.rated import RatedIndex
 from feature_store.receipts import Receipt, Receipts
 from feature_store.retention import Retention
+from feature_store.storage_errors import describe_failure
 from velox.errors import DataError
 
 __all__ = ["LogReader", "OnlineStore", "Receipt"]
@@ -47,8 +49,24 @@ _open_here: set[Path] = set()  # stores this process holds read-write (their LOC
 _open_here_lock = threading.Lock()
 
 
-def open_options() -> rocksdict.Options:
-    """The database's options.
+def open_options(*, accept_loss: bool = False) -> rocksdict.Options:
+    """The database's options: those of a database of record.
+
+    The write-ahead log is replayed with RocksDB's *TolerateCorruptedTailRecords*
+    recovery: a record whose checksum does not match, anywhere in the log,
+    refuses the open (the default, *PointInTime*, stops at the first damage
+    and silently opens without everything after it), while a record cut
+    short at the very end (what a crash leaves of a write it interrupted,
+    never acknowledged: acknowledgements wait for the fsync after a whole
+    write) is dropped. *AbsoluteConsistency* would refuse that too, so every
+    power loss during a write would stop the server for nothing lost. A log
+    truncated or deleted is not damage RocksDB can see at all: the durable
+    sequence number kept beside it (:mod:`feature_store.durable_mark`)
+    catches that. ``accept_loss`` (``velox store recover --accept-loss``)
+    opens with *PointInTime*: whatever follows damage is given up.
+
+    Paranoid checks make RocksDB check the files it opens and stop writing
+    at the first background error, instead of carrying on past it.
 
     Every change of the file set (a flush, a compaction) starts a new
     MANIFEST with the current file list instead of appending to the old one:
@@ -61,6 +79,11 @@ def open_options() -> rocksdict.Options:
     1 MB, so the store's size on disk stays bounded once retention trims it.
     """
     options = rocksdict.Options(raw_mode=True)
+    recovery = rocksdict.DBRecoveryMode
+    options.set_wal_recovery_mode(
+        recovery.point_in_time() if accept_loss else recovery.tolerate_corrupted_tail_records()
+    )
+    options.set_paranoid_checks(True)
     options.create_if_missing(True)
     options.create_missing_column_families(True)
     options.set_max_manifest_file_size(1)
@@ -72,42 +95,54 @@ def open_options() -> rocksdict.Options:
 class OnlineStore(ObservationLog, Checkpoints, Forgetting, RatedIndex, Receipts, Retention):
     """Durable observation log and user-state checkpoints in RocksDB."""
 
-    def __init__(self, path: str | Path, *, read_only: bool = False) -> None:
+    def __init__(
+        self, path: str | Path, *, read_only: bool = False, accept_loss: bool = False
+    ) -> None:
         """Open (or create) the store; ``read_only`` opens an existing one without its lock.
 
         A read-only view sees what was committed when it opened and refuses
         writes; ``velox store inspect`` uses it next to a running server.
+        A store whose log lost acknowledged observations refuses to open
+        unless ``accept_loss`` (``velox store recover --accept-loss``), which
+        opens past damage in its write-ahead log and records what was lost
+        (:mod:`feature_store.log`). Every failure is one sentence that names
+        the damaged file (:mod:`feature_store.storage_errors`).
         """
         self.path = Path(path)
         self.read_only = read_only
         existed = check_folder(self.path)
         if read_only and not existed:
             raise DataError(f"no Velox store at {self.path}; check the data folder")
+        # Read before the database: a server beside a read-only view only ever
+        # records numbers its log already holds, so the view sees them all.
+        recorded = read_mark(self.path) if existed else None
         if existed:
-            families = set(rocksdict.Rdict.list_cf(str(self.path)))
+            families = set(_column_families(self.path))
             if not set(COLUMN_FAMILIES) <= families:
                 raise DataError(
                     f"{self.path} is a RocksDB database but not a Velox store "
                     f"(column families {sorted(families)}); pass another folder"
                 )
         with _open_here_lock:
-            self._db = self._open_database(existed)
+            self._db = self._open_database(existed, accept_loss)
             if not read_only:
                 _open_here.add(self.path.resolve())
         self._cf = {name: self._db.get_column_family(name) for name in COLUMN_FAMILIES}
         self._handles = {name: self._db.get_column_family_handle(name) for name in COLUMN_FAMILIES}
         self._lock = threading.Lock()
         self._forgets = 0
+        self._mark = None
         self._sync = rocksdict.WriteOptions()
         self._sync.sync = True
         try:
+            self._open_log(self.checkpoint_seq)
+            self._check_durable(recorded, accept_loss)
             self._check_format(existed)
         except DataError:
             self.close()
             raise
-        self._open_log(self.checkpoint_seq)
 
-    def _open_database(self, existed: bool) -> rocksdict.Rdict:
+    def _open_database(self, existed: bool, accept_loss: bool) -> rocksdict.Rdict:
         """The RocksDB handle; a store another holder has locked is refused by who holds it.
 
         rocksdict raises a bare ``Exception`` whatever went wrong, so the lock
@@ -127,20 +162,27 @@ class OnlineStore(ObservationLog, Checkpoints, Forgetting, RatedIndex, Receipts,
         try:
             return rocksdict.Rdict(
                 str(self.path),
-                open_options(),
+                open_options(accept_loss=accept_loss),
                 column_families=family_options(),
                 access_type=access.read_only() if self.read_only else access.read_write(),
             )
         except Exception as exc:  # rocksdict raises a bare Exception for every failed open
-            raise DataError(f"store {self.path} could not be opened: {exc}") from None
+            raise DataError(describe_failure(self.path, exc)) from None
 
     def _check_format(self, existed: bool) -> None:
-        meta = self._cf["meta"]
-        stored = meta.get(_FORMAT_KEY)
+        """Refuse a store of a newer format, upgrade an older one, mark a new one.
+
+        A marker missing beside a durable mark was lost with the write-ahead
+        log that held it (a loss accepted already); it is written again.
+        No column-family view is kept in a local: an error's traceback would
+        keep it, and with it the store's lock, alive.
+        """
+        stored = self._cf["meta"].get(_FORMAT_KEY)
         if stored is None:
-            if existed:
+            if existed and not (self.path / MARK_FILE).exists():
                 raise DataError(f"{self.path} has no Velox format marker; it is not a Velox store")
-            meta[_FORMAT_KEY] = bytes([STORE_FORMAT])
+            if not self.read_only:
+                self._cf["meta"][_FORMAT_KEY] = bytes([STORE_FORMAT])
             return
         if stored[0] > STORE_FORMAT:
             raise DataError(
@@ -173,6 +215,33 @@ class OnlineStore(ObservationLog, Checkpoints, Forgetting, RatedIndex, Receipts,
             for name in COLUMN_FAMILIES
         }
 
+    def scan(self, family: str) -> int:
+        """Read every entry of ``family`` with every block's checksum verified; how many.
+
+        An iterator over the whole key range visits every data block of every
+        table file the family has, so a damaged block raises here, as a
+        :class:`DataError` naming its file. Blocks bypass the cache, so a
+        scan beside a server does not evict what it serves from.
+        """
+        options = rocksdict.ReadOptions()
+        options.set_verify_checksums(True)
+        options.fill_cache(False)
+        count = 0
+        try:
+            cursor = self._cf[family].iter(options)
+            cursor.seek_to_first()
+            while cursor.valid():
+                count += 1
+                cursor.next()
+            cursor.status()
+        except Exception as exc:  # rocksdict raises a bare Exception for every failed read
+            raise DataError(describe_failure(self.path, exc, f"read ({family})")) from None
+        return count
+
+    def table_files(self) -> list[Path]:
+        """The table files (``.sst``) the database currently uses."""
+        return [self.path / entry["name"].lstrip("/") for entry in self._db.live_files()]
+
     def backup(self, target: str | Path) -> None:
         """A consistent copy of the open store in ``target`` (a RocksDB checkpoint: hard links)."""
         target = Path(target)
@@ -191,6 +260,8 @@ class OnlineStore(ObservationLog, Checkpoints, Forgetting, RatedIndex, Receipts,
             return
         self._cf.clear()
         self._handles.clear()
+        if self._mark is not None:
+            self._mark.close()
         try:
             self._db.close()  # raises what RocksDB could not write (a failed disk)
         finally:
@@ -203,6 +274,14 @@ class OnlineStore(ObservationLog, Checkpoints, Forgetting, RatedIndex, Receipts,
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _column_families(path: Path) -> list[str]:
+    """The column families of the database at ``path`` (read from its MANIFEST)."""
+    try:
+        return rocksdict.Rdict.list_cf(str(path))
+    except Exception as exc:  # rocksdict raises a bare Exception for every failure
+        raise DataError(describe_failure(path, exc)) from None
 
 
 def _lock_holder(path: Path) -> str | None:

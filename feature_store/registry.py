@@ -180,6 +180,17 @@ class ModelRegistry:
             user_count=users.column("count").to_numpy(),
         )
 
+    def verify(self, number: int) -> list[Path]:
+        """Check a version's artifacts against their schemas and recorded SHA-256; the files.
+
+        Raises :class:`DataError` naming the first damaged or missing file.
+        """
+        version = self._stored(number)
+        artifacts = self._artifacts(version)
+        for path, schema in artifacts:
+            _check_schema(path, schema, version)
+        return [path for path, _ in artifacts]
+
     # ----------------------------------------------------------------- build
 
     def create(
