@@ -10,7 +10,6 @@ a bounded poll of its log file, never a fixed sleep.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import re
 import signal
@@ -63,6 +62,19 @@ def assert_no_process_left(log_path: Path) -> None:
         with pytest.raises(ProcessLookupError):
             os.killpg(group, 0)
         assert phase in ("export", "train")
+
+
+def members(group: int) -> list[int]:
+    """The processes of a process group, from ``/proc``."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rpartition(")")[2].split()
+        except OSError:  # the process ended meanwhile
+            continue
+        if int(fields[2]) == group:
+            found.append(int(stat.parent.name))
+    return found
 
 
 def wait_for(log_path: Path, text: bytes, running: threading.Thread) -> None:
@@ -154,20 +166,22 @@ def test_a_run_past_its_timeout_is_stopped_with_every_process_of_its_group(logge
 
 def test_a_child_killed_mid_training_is_a_killed_run_and_its_version_failed(logged):
     config, _ = logged
-    # distributed: each half-step is a Spark stage, so training outlasts the kill by far
-    train = dataclasses.replace(config.train, mode="distributed", iterations=30)
-    config = dataclasses.replace(config, train=train)
+    registry = ModelRegistry(DataLayout.from_config(config).registry)
     thread, outcome = run_in_thread(config, run_id="doomed", timeout=600)
     log_path = run_log(config, "doomed")
-    wait_for(log_path, b"is building (engine velox, watermark 1500)", thread)
-    os.killpg(groups(log_path)["train"], signal.SIGKILL)
+    wait_for(log_path, b"batch_jobs.spark INFO Spark ", thread)  # the session is up
+    group = groups(log_path)["train"]
+    assert len(members(group)) >= 2  # velox train and the JVM PySpark started
+    # stands in for the version the child claims later (waiting for it costs Spark's read)
+    claimed = registry.create(engine="velox", watermark=W, parameters={"run": "doomed"})
+    os.killpg(group, signal.SIGKILL)
     thread.join(timeout=120)
 
     failed = outcome["failed"]
     assert (failed.outcome, failed.phase) == ("killed", "train")
     assert "velox train was killed by SIGKILL" in failed.reason
     assert_no_process_left(log_path)
-    (version,) = ModelRegistry(DataLayout.from_config(config).registry).versions()
+    version = registry.get(claimed.number)
     assert version.state == "failed" and version.error == failed.reason
 
 
