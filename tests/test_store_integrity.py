@@ -171,7 +171,7 @@ def flushed(tmp_path) -> DataLayout:
     return layout
 
 
-def test_a_garbled_manifest_is_one_sentence_from_inspect_and_serve(flushed):
+def test_a_garbled_manifest_is_one_sentence_from_inspect_serve_and_export(flushed):
     (manifest,) = flushed.online.glob("MANIFEST-*")
     size = manifest.stat().st_size
     with manifest.open("r+b") as handle:  # 200 bytes at offset 1000, or mid-file if shorter
@@ -179,8 +179,9 @@ def test_a_garbled_manifest_is_one_sentence_from_inspect_and_serve(flushed):
         handle.write(np.random.default_rng(3).bytes(200))
     message = _one_sentence(_store(flushed, "inspect"))
     assert f"its MANIFEST {manifest}" in message and RESTORE in message
-    served = velox("--set", f"data.dir={flushed.root}", "serve", "--port", "0")
-    assert f"its MANIFEST {manifest}" in _one_sentence(served)
+    for command in (["serve", "--port", "0"], ["export"]):  # export reads the log as a secondary
+        done = velox("--set", f"data.dir={flushed.root}", *command)
+        assert f"its MANIFEST {manifest}" in _one_sentence(done), command
 
 
 def test_a_damaged_table_block_is_named_by_verify_with_exit_1(flushed):
