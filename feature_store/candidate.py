@@ -157,7 +157,7 @@ class Candidate:
             resumed = False
         serve = config.serve
         tally = GateTally(serve.rating_min, serve.rating_max)
-        phases = {"candidate": time.perf_counter() - began}
+        phases = {"candidate": time.perf_counter() - began, "catch_up": 0.0}
         return cls(version, durable, tally, resumed, phases)
 
     @property

@@ -277,7 +277,8 @@ async def readyz(request: web.Request) -> web.Response:
     problem = state.durable.problem
     if problem is not None:
         return error_response(503, "unavailable", problem)
-    return json_response(Status("ready", state.durable.model.version))
+    details = state.retrainer.failure() if state.retrainer is not None else None
+    return json_response(Status("ready", state.durable.model.version, details))
 
 
 async def metrics(request: web.Request) -> web.Response:

@@ -238,7 +238,7 @@ class VersionMonitor:
             reference_rmse=reference,
             degradation=degradation,
             windows=tuple(
-                TimeWindow(start, int(count), math.sqrt(total / count))
+                TimeWindow(float(start), int(count), math.sqrt(total / count))
                 for start, (count, total) in sorted(self._buckets.items())
             ),
             window=self._config.window,

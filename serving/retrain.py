@@ -7,7 +7,7 @@
 2. **policy** (:class:`~serving.triggers.RetrainPolicy`): every
    ``retrain.check_interval`` seconds a decision, run or "not yet", each
    with its reason, in the log, the metrics and ``GET /models``;
-3. **job** (:func:`batch_jobs.retrain_job.run_job`, in a thread): ``velox
+3. **job** (:func:`serving.retrain_job.run_job`, in a thread): ``velox
    export`` up to the durable head ``W``, then ``velox train`` on every rating
    up to ``W``, each in a process of its own with a timeout and a log file;
 4. **candidate** (:meth:`~serving.versions.VersionSwitch.build`): the new
@@ -40,13 +40,13 @@ from datetime import datetime
 
 import msgspec
 
-from batch_jobs.retrain_job import JobFailed, run_folder, run_job
 from feature_store.files import atomic_write
 from feature_store.registry import ModelVersion
 from serving.monitor import VersionMonitor
-from serving.schemas import DecisionReport, GateReport, RetrainReport, RunReport
+from serving.retrain_job import JobFailed, run_folder, run_job
+from serving.schemas import GateReport, RetrainReport, RunReport
 from serving.state import Serving
-from serving.triggers import Decision, RetrainPolicy
+from serving.triggers import Decision, RetrainPolicy, decision_report
 from serving.versions import VersionSwitch
 from velox.errors import DataError
 
@@ -141,6 +141,16 @@ class Retrainer:
             new_users_since=durable.new_users,
         )
 
+    def failure(self) -> str | None:
+        """The last run's failure, while no run has succeeded since (for ``/readyz``)."""
+        run = self.last_run
+        if run is None or run.outcome not in ("failed", "timed_out", "killed"):
+            return None
+        return (
+            f"retrain {run.id} {run.outcome}: {run.reason}; the active version serves on "
+            f"({self.failures_in_row} failed in a row)"
+        )
+
     def report(self) -> RetrainReport:
         """What ``GET /models`` shows of the loop."""
         decision = self.last_decision
@@ -152,9 +162,7 @@ class Retrainer:
             self._config.enabled,
             self.current is not None,
             self.current.phase if self.current is not None else None,
-            None
-            if decision is None
-            else DecisionReport(decision.trigger, decision.run, decision.reason, decision.at),  # type: ignore[arg-type]
+            None if decision is None else decision_report(decision),
             run.report() if run is not None else None,
             next_retry,
         )
@@ -295,7 +303,8 @@ class Retrainer:
 
     def _save(self, run: Run) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
-        atomic_write(self.folder / f"{run.id}.json", msgspec.json.encode(_Stored.of(run)))
+        record = msgspec.json.encode(_Stored.of(run))
+        atomic_write(self.folder / f"{run.id}.json", lambda path: path.write_bytes(record))
 
     # -------------------------------------------------------------- restart
 

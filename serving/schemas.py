@@ -272,6 +272,8 @@ class Activated(Struct):
 class Status(Struct, omit_defaults=True):
     status: str
     version: str | None = None
+    details: str | None = None
+    """What a ready server still reports: the last retrain's failure, while it is the last."""
 
 
 class ErrorBody(Struct):

@@ -50,8 +50,10 @@ def batch(run: int, k: int) -> tuple[list[str], list[str], np.ndarray, np.ndarra
 class AnnouncingStore(OnlineStore):
     """A store whose checkpoints say when their user states are written, then linger."""
 
-    def put_states(self, family: str, keys: Sequence[str], *args: object) -> None:
-        super().put_states(family, keys, *args)
+    def put_states(
+        self, family: str, keys: Sequence[str], *args: object, **options: object
+    ) -> None:
+        super().put_states(family, keys, *args, **options)
         if keys:
             sys.stdout.write("checkpoint\n")
             sys.stdout.flush()

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from batch_jobs.retrain_job import JobFailed, run_job, run_log, write_settings
+from serving.retrain_job import JobFailed, run_job, run_log, write_settings
 from feature_store.layout import DataLayout
 from feature_store.offline import OfflineStore
 from feature_store.online import OnlineStore
