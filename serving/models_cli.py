@@ -120,15 +120,15 @@ def _show(version: ModelVersion, config: VeloxConfig) -> None:
     _print_server(config)
 
 
-def _server_url(config: VeloxConfig) -> str:
+def server_url(config: VeloxConfig) -> str:
     host = config.serve.host
     host = "127.0.0.1" if host in ("0.0.0.0", "") else host
     return f"http://{host}:{config.serve.port}"
 
 
-def _served(config: VeloxConfig) -> dict[str, Any] | None:
+def served_models(config: VeloxConfig) -> dict[str, Any] | None:
     """``GET /models`` of the server at the configured address; None when none answers."""
-    request = urllib.request.Request(f"{_server_url(config)}/models")
+    request = urllib.request.Request(f"{server_url(config)}/models")
     token = config.serve.read_token or config.serve.admin_token
     if token:
         request.add_header("Authorization", f"Bearer {token}")
@@ -137,7 +137,7 @@ def _served(config: VeloxConfig) -> dict[str, Any] | None:
             return json.load(response)
     except urllib.error.HTTPError as exc:
         raise DataError(
-            f"the server at {_server_url(config)} answered GET /models with {exc.code}; "
+            f"the server at {server_url(config)} answered GET /models with {exc.code}; "
             "check serve.read_token"
         ) from None
     except (OSError, ValueError):  # nothing listens there, or it is not a Velox server
@@ -145,11 +145,11 @@ def _served(config: VeloxConfig) -> dict[str, Any] | None:
 
 
 def _print_server(config: VeloxConfig) -> None:
-    served = _served(config)
+    served = served_models(config)
     if served is None:
-        print(f"no server answers at {_server_url(config)}")
+        print(f"no server answers at {server_url(config)}")
         return
-    for line in served_lines(_server_url(config), served):
+    for line in served_lines(server_url(config), served):
         print(line)
 
 
@@ -247,20 +247,20 @@ def _await_server(config: VeloxConfig, name: str, wait: float) -> None:
         return
     deadline = time.monotonic() + wait
     while True:
-        served = _served(config)
+        served = served_models(config)
         if served is None:
-            print(f"no server answers at {_server_url(config)}; one started later serves {name}")
+            print(f"no server answers at {server_url(config)}; one started later serves {name}")
             return
         if served["serving"] == name:
-            print(f"the server at {_server_url(config)} serves {name}")
+            print(f"the server at {server_url(config)} serves {name}")
             return
         if served.get("problem") and served["active"] == name:
             raise DataError(
-                f"the server at {_server_url(config)} cannot switch: {served['problem']}"
+                f"the server at {server_url(config)} cannot switch: {served['problem']}"
             )
         if time.monotonic() > deadline:
             raise DataError(
-                f"the server at {_server_url(config)} still serves {served['serving']} after "
+                f"the server at {server_url(config)} still serves {served['serving']} after "
                 f"{wait:g} s; see its log, or wait longer with --wait"
             )
         time.sleep(0.2)

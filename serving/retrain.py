@@ -208,7 +208,7 @@ class Retrainer:
 
     def _start(self, decision: Decision, *, force: bool, resume: Run | None = None) -> Run:
         now = self._clock()
-        run = resume or Run(_run_id(now), decision.trigger, decision.reason, force, now)
+        run = resume or Run(run_id(now), decision.trigger, decision.reason, force, now)
         self.current = run
         self.last_started = now
         self.finished.clear()
@@ -369,7 +369,7 @@ class _Stored(msgspec.Struct):
         return Run(**{name: getattr(self, name) for name in self.__struct_fields__})
 
 
-def _run_id(now: float) -> str:
+def run_id(now: float) -> str:
     """Run ids sort by start time: ``20261203T051500-123``."""
     stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(now))
     return f"{stamp}-{int(now * 1000) % 1000:03d}"

@@ -40,7 +40,7 @@ _APPLIED = re.compile(r"^velox_prequential_observations_total\{[^}]*\} (\S+)$", 
 def live(tmp_path_factory):
     root = tmp_path_factory.mktemp("fuzz")
     _publish(root)
-    server = Server(root)
+    server = Server(root, "retrain.timeout=0.5")  # a fuzzed POST /retrain starts no Spark job
     yield server.url
     assert server.stop() == 0
 
