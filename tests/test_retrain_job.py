@@ -20,11 +20,11 @@ from pathlib import Path
 
 import pytest
 
-from serving.retrain_job import JobFailed, run_job, run_log, write_settings
 from feature_store.layout import DataLayout
 from feature_store.offline import OfflineStore
 from feature_store.online import OnlineStore
 from feature_store.registry import ModelRegistry
+from serving.retrain_job import JobFailed, run_job, run_log, write_settings
 from tests.factories import applied
 from tests.test_export import START, commit_rows
 from velox.config import VeloxConfig, load_config
