@@ -274,6 +274,21 @@ class Retrainer:
             await switch.point(version)
         forced = " (forced past the gate)" if not passed else ""
         self._ended(run, "succeeded", f"{version.name} {why}{forced}; it serves now")
+        await self._trim()
+
+    async def _trim(self) -> None:
+        """Retention after a swap: the export just ran and the watermarks moved, so the log
+        shrinks to what the active version and ``registry.keep`` ready ones still need."""
+        config = self._state.config
+        durable = self._state.durable
+        try:
+            trimmed = await asyncio.get_running_loop().run_in_executor(
+                None, durable.trim, config.registry.keep, config.serve.idempotency_ttl
+            )
+        except (DataError, OSError) as exc:  # the next retrain tries again
+            log.warning("retention after the retrain did not run: %s", exc)
+            return
+        log.info("retention after the retrain: the log now starts at seq %d", trimmed.log_start)
 
     def _phase(self, run: Run, phase: str) -> None:
         run.phase = phase
