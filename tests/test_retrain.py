@@ -22,6 +22,7 @@ from feature_store.registry import ModelRegistry
 from serving.app import STATE, create_app
 from serving.retrain_job import run_folder
 from velox.als import ALSParams, Ratings, train_als
+from velox.client import AsyncClient
 from velox.config import load_config
 from velox.datasets import SyntheticSpec, synthesize
 
@@ -178,8 +179,10 @@ async def test_a_job_past_its_timeout_leaves_the_active_version_serving_and_is_r
     client = await aiohttp_client(create_app(_config(tmp_path, "retrain.timeout=1")))
     state = client.server.app[STATE]
     await _observe(client, _pairs(100, seed=2))
-    assert (await client.post("/retrain")).status == 202
+    async with AsyncClient(str(client.make_url(""))) as velox:  # the Python client's call
+        started = await velox.retrain("a test")
     run = await _finished(state)
+    assert run.id == started
     assert run.outcome == "timed_out" and run.version is None and "1" in run.reason
     await _observe(client, _pairs(5, seed=3))  # serving and learning go on, on v1
     models = await (await client.get("/models")).json()

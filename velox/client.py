@@ -249,6 +249,10 @@ class Models:
     problem: str | None
     """Why the server does not serve the active version, while it does not."""
     versions: list[ModelInfo]
+    monitor: dict[str, Any] | None = None
+    """The served version's staleness figures (rolling RMSE, counts since its watermark, age)."""
+    retrain: dict[str, Any] | None = None
+    """The retrain loop: whether it runs, its last decision and its last run."""
 
     @classmethod
     def from_json(cls, body: Mapping[str, Any]) -> Models:
@@ -259,6 +263,8 @@ class Models:
             lagging=bool(body["lagging"]),
             problem=None if problem is None else str(problem),
             versions=[ModelInfo.from_json(v) for v in body["versions"]],
+            monitor=body.get("monitor"),
+            retrain=body.get("retrain"),
         )
 
 
@@ -380,6 +386,20 @@ class AsyncClient:
         """Serve ``version`` (e.g. ``"v3"``); returns the version now active."""
         return await self._call(
             "POST", f"/models/{quote(version, safe='')}/activate", lambda body: str(body["active"])
+        )
+
+    async def retrain(self, reason: str = "", *, force: bool = False) -> str:
+        """Start a retrain (admin token); the id of the run started, or of the one running.
+
+        Follow it in :meth:`models` (``retrain["last_run"]``). Not retried: a
+        second try would find the first one running anyway.
+        """
+        return await self._call(
+            "POST",
+            "/retrain",
+            lambda body: str(body["id"]),
+            {"reason": reason, "force": force},
+            idempotent=False,
         )
 
     async def health(self) -> bool:
@@ -593,6 +613,9 @@ class Client:
 
     def activate(self, version: str) -> str:
         return self._run(self._client.activate(version))
+
+    def retrain(self, reason: str = "", *, force: bool = False) -> str:
+        return self._run(self._client.retrain(reason, force=force))
 
     def health(self) -> bool:
         return self._run(self._client.health())
