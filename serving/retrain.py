@@ -47,7 +47,7 @@ from serving.retrain_job import JobFailed, run_folder, run_job
 from serving.schemas import GateReport, RetrainReport, RunReport
 from serving.state import Serving
 from serving.triggers import Decision, RetrainPolicy, decision_report
-from serving.versions import VersionSwitch
+from serving.versions import Stopping, VersionSwitch
 from velox.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -232,10 +232,14 @@ class Retrainer:
             await self._candidate(run)
         except JobFailed as failed:
             run.log = str(failed.log_path)
-            self._ended(run, failed.outcome, failed.reason)
-        except asyncio.CancelledError:
-            self._ended(run, "abandoned", "the server stopped during the run")
-            raise
+            if self._cancel.is_set():
+                self._ended(run, "abandoned", "the server stopped during the job")
+            else:
+                self._ended(run, failed.outcome, failed.reason)
+        except Stopping:  # the record keeps its candidate phase: the next start resumes it
+            log.info("retrain %s stops with the server; it resumes at the next start", run.id)
+            self.current = None
+            self.finished.set()
         except Exception as exc:  # a run's failure never takes the server down
             log.exception("retrain %s failed", run.id)
             self._ended(run, "failed", f"{type(exc).__name__}: {exc}")
@@ -350,14 +354,20 @@ class Retrainer:
             return False
 
     async def stop(self, watcher: asyncio.Task | None) -> None:
-        """Stop watching; a running job is killed, a build stops between chunks (resumable)."""
+        """Stop watching; a running job is killed, a build stops between chunks (resumable).
+
+        The run is waited for, not cancelled: its threads cannot be
+        interrupted, and the store must not close under them.
+        """
         self._cancel.set()
-        tasks = [t for t in (watcher, self._task) if t is not None and not t.done()]
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        self._switch.halt()
+        if watcher is not None:
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watcher
+        if self._task is not None:
+            with contextlib.suppress(Exception):
+                await self._task
 
 
 class _Stored(msgspec.Struct):

@@ -35,6 +35,10 @@ from velox.errors import DataError
 log = logging.getLogger(__name__)
 
 
+class Stopping(DataError):
+    """A build was stopped because the server stops; its slot keeps an exact checkpoint."""
+
+
 class VersionSwitch:
     """Switches of the served version, one at a time, and what the pointer says."""
 
@@ -82,6 +86,10 @@ class VersionSwitch:
         while True:
             await asyncio.sleep(every)
             await self.check()
+
+    def halt(self) -> None:
+        """The server stops: a build under way ends between chunks (:class:`Stopping`)."""
+        self._stopping.set()
 
     async def stop(self, follower: asyncio.Task) -> None:
         """Stop ``follower`` (the task of :meth:`follow`); a build under way stops between chunks.
@@ -184,7 +192,7 @@ class VersionSwitch:
         loop = asyncio.get_running_loop()
         while candidate.lag > within:
             if self._stopping.is_set():
-                raise DataError("the server is stopping; the candidate resumes at the next start")
+                raise Stopping("the server is stopping; the candidate resumes at the next start")
             await loop.run_in_executor(None, candidate.catch_up, within, self._stopping)
 
     async def _switch(self, version: ModelVersion) -> None:
