@@ -33,8 +33,16 @@
   on a failing disk. The first write-back that succeeds (the background
   writer's, or the one a refused observe tries first) lifts the refusal. A
   failed log write or fsync (a full disk fails the log first) leaves memory
-  ahead of the log: writes are refused, also with :class:`Unavailable`, until
-  the store is reopened.
+  ahead of the log and RocksDB refusing writes: writes are refused, also with
+  :class:`Unavailable`, until :meth:`DurableModel.heal` reopens the store and
+  recovers as a restart would, which the background writer tries every
+  checkpoint interval and a refused observe every :data:`HEAL_BACKOFF`
+  seconds, so a disk that has space again heals without a restart.
+* Damage RocksDB reports while serving (its status *Corruption*, in a read or
+  a write) marks the store damaged for good: writes are refused with
+  :class:`Damaged`, one sentence that names the file and says to run
+  ``velox store verify`` and restore a backup; reads that need no damaged
+  block go on.
 * :meth:`DurableModel.delete_user` forgets a user in every store of the
   data folder; ``velox store forget`` and ``DELETE /users/{id}`` both call it.
 
@@ -51,6 +59,7 @@ and delete; erasing from files and rewriting Parquet run without them.
 
 from __future__ import annotations
 
+import copy
 import logging
 import threading
 import time
@@ -74,6 +83,7 @@ from feature_store.offline import OfflineStore
 from feature_store.online import OnlineStore, Receipt
 from feature_store.registry import ModelRegistry
 from feature_store.retention import Trimmed, trim
+from feature_store.storage_errors import describe_damage, is_corruption
 from velox.config import StoreConfig
 from velox.errors import DataError, InputError
 from velox.model import Applied, OnlineModel, Prediction, UserState, normalize_ids
@@ -87,6 +97,10 @@ CACHE_LIMIT = 2
 (it only can when dirty states cannot be written back, so none can be evicted)."""
 REFUSE_AFTER = 3
 """Writes are refused after this many checkpoint write-backs in a row have failed."""
+HEAL_BACKOFF = 1
+"""Seconds between two attempts of a refused observe to reopen a broken store (and the
+``Retry-After`` of a refusal): a reopen replays the log since the checkpoint, so a disk
+still full is not asked again on every request."""
 
 
 @dataclass(frozen=True)
@@ -137,6 +151,11 @@ class DurableModel:
         self.cache_hits = self.cache_misses = 0
         self._applied_seq = self._persisted_seq = store.checkpoint_seq_of(self.slot)
         self._broken: str | None = None
+        self._corrupt: str | None = None
+        self._heal_failure: str | None = None
+        self._next_heal = 0.0
+        self._opened = _copy_model(model)
+        """The model as given, before recovery: :meth:`heal` starts again from a copy of it."""
         self._retired = ""
         self._superseded = ""
         self._building = building
@@ -146,6 +165,8 @@ class DurableModel:
         self._failures = {"write_back": 0, "eviction": 0}
         self._streaks: dict[str, _Streak] = {}
         self.recovered = self._recover() if recover else 0
+        if self.recovered:
+            self.flush()
         self.reapplied = 0
         self._writer: threading.Thread | None = None
         self._start_writer()
@@ -257,9 +278,11 @@ class DurableModel:
         idempotent requests are stored with the log records. Bad input raises
         :class:`InputError` before anything changes. :class:`Unavailable`
         (nothing logged) if the log write fails, and from then on, for the
-        memory is ahead of the log until the store is reopened (which
-        recovers from the log); and (nothing applied) while write-back keeps
-        failing or the cache is over its limit, until a write-back succeeds.
+        memory is ahead of the log until :meth:`heal` reopens the store (it
+        is tried here every :data:`HEAL_BACKOFF` seconds); and (nothing
+        applied) while write-back keeps failing or the cache is over its
+        limit, until a write-back succeeds. :class:`Damaged` once RocksDB
+        reported damage.
         """
         self._admit()
         with self._write_lock:
@@ -270,7 +293,7 @@ class DurableModel:
             try:
                 seqs = self.store.commit(applied, sync=sync, receipts=receipts)
             except Exception as exc:
-                raise self._break(f"a log commit failed ({exc})") from exc
+                raise self._break("a log commit failed", exc) from exc
             with self._lock:
                 self._mark(applied, seqs)
         self._shrink()  # the batch is logged: a failed eviction is counted, not raised
@@ -281,8 +304,11 @@ class DurableModel:
 
         While refused, each call first tries one write-back and eviction
         itself, so a disk that works again lifts the refusal at once, with
-        or without the background writer.
+        or without the background writer; a broken store is reopened
+        (:meth:`heal`) at most every :data:`HEAL_BACKOFF` seconds.
         """
+        if self._broken is not None and time.monotonic() >= self._next_heal:
+            self.heal()
         if self._refusal() is None:
             return
         with suppress(Exception):  # counted in _persist; the refusal below says why
@@ -312,11 +338,10 @@ class DurableModel:
     @property
     def problem(self) -> str | None:
         """None when healthy; else one sentence: what fails, since when, what to do."""
+        if self._corrupt is not None:
+            return self._corrupt
         if self._broken is not None:
-            return (
-                f"the store refuses writes: {self._broken}; fix the disk, then reopen the store "
-                "(restart the server) to recover"
-            )
+            return self._refuses()
         refusal = self._refusal()
         if refusal is not None:
             return f"observations are refused: {refusal}"
@@ -361,20 +386,95 @@ class DurableModel:
         """Make every logged batch durable (see :meth:`OnlineStore.sync_log`); thread-safe.
 
         If the fsync fails, what the log holds is unknown: the model refuses
-        further writes until it is reopened, like after a failed commit.
+        further writes until :meth:`heal` reopens it, like after a failed commit.
         """
         self._check_intact()  # (not retirement: a replaced model's store lives on)
         try:
             self.store.sync_log()
         except Exception as exc:
-            raise self._break(f"a log sync failed ({exc})") from exc
+            raise self._break("a log sync failed", exc) from exc
 
-    def _break(self, reason: str) -> Unavailable:
-        self._broken = reason
-        return Unavailable(
-            f"observations were not stored: {reason}; fix the disk, then reopen the store "
-            "(restart the server) to recover"
+    def _break(self, what: str, exc: Exception) -> DataError:
+        """Refuse writes after a failed log write or fsync (``what``); the error to raise."""
+        if is_corruption(exc):
+            return self._damaged(exc)
+        self._broken = f"{what} ({exc})"
+        self._next_heal = time.monotonic() + HEAL_BACKOFF
+        return Unavailable(f"observations were not stored: {self._broken}; {self._recovery()}")
+
+    def _refuses(self) -> str:
+        """The sentence of a broken store: what failed, and how it recovers."""
+        return f"the store refuses writes: {self._broken}; {self._recovery()}"
+
+    def _recovery(self) -> str:
+        tried = f" (the last reopen failed: {self._heal_failure})" if self._heal_failure else ""
+        return (
+            f"free space or fix the disk under {self.store.path}, and the store reopens itself "
+            f"and recovers from its log{tried}"
         )
+
+    def _damaged(self, exc: Exception) -> Damaged:
+        """Mark the store damaged (for good: writes refused, :attr:`problem` says why)."""
+        if self._corrupt is None:
+            self._corrupt = describe_damage(self.store.path, exc)
+            log.error("%s", self._corrupt)
+        return Damaged(self._corrupt)
+
+    @contextmanager
+    def _reading(self) -> Iterator[None]:
+        """Around a read of the store: damage RocksDB reports is raised as :class:`Damaged`."""
+        try:
+            yield
+        except Exception as exc:
+            if not is_corruption(exc):
+                raise
+            raise self._damaged(exc) from None
+
+    def heal(self) -> bool:
+        """Reopen a store whose log write or fsync failed, and recover as a restart would.
+
+        Whether writes are taken again. RocksDB refuses every write after a
+        failed one (rocksdict cannot resume it), and memory may hold a batch
+        the log does not (applied, then its commit failed), so both are
+        rebuilt: the store's handle is reopened inside the same
+        :class:`OnlineStore` (:meth:`~feature_store.online.OnlineStore.reopen`,
+        which keeps every model sharing it valid, a candidate's included),
+        the model starts again from a copy of itself as it was given to this
+        object, and this slot's checkpoint and the log after it are loaded and
+        replayed, exactly as opening does. That is exact: nothing
+        acknowledged is lost (an acknowledgement waits for the log's fsync,
+        and recovery reads the log), and a batch logged whose fsync failed
+        (its requests were refused) is kept if the disk kept it, as after a
+        crash. Every lock of this model is held meanwhile, so no read or
+        write sees it half done; if the reopen fails (the disk is still
+        full), the store stays open read-only for reads and this is tried
+        again: by the background writer every checkpoint interval, and by
+        :meth:`observe` at most every :data:`HEAL_BACKOFF` seconds.
+        """
+        with self._flush_lock, self._write_lock, self._lock:
+            if self._broken is None or self._corrupt is not None:
+                return self._broken is None and self._corrupt is None
+            self._next_heal = time.monotonic() + HEAL_BACKOFF
+            try:
+                self.store.reopen()
+                self.model = _copy_model(self._opened)
+                self._applied_seq = self._persisted_seq = self.store.checkpoint_seq_of(self.slot)
+                replayed = self._recover()  # (no eviction: it waits while the store is broken)
+            except Exception as exc:
+                self._heal_failure = str(exc)
+                log.warning("store %s could not be reopened yet: %s", self.store.path, exc)
+                return False
+            failed, self._broken, self._heal_failure = self._broken, None, None
+        log.warning(
+            "store %s reopened after %s: %d logged observations replayed; writes resume",
+            self.store.path,
+            failed,
+            replayed,
+        )
+        with suppress(Exception):  # counted in _persist, as the background writer's
+            self.flush()
+        self._shrink()
+        return True
 
     def predict(
         self, user: Any, items: Sequence[Any], *, timeout: float | None = None
@@ -402,7 +502,8 @@ class DurableModel:
 
     def receipt(self, key: str) -> Receipt | None:
         """What the observe request sent with idempotency ``key`` became, if it was logged."""
-        return self.store.receipt(key)
+        with self._reading():
+            return self.store.receipt(key)
 
     @property
     def synced_seq(self) -> int:
@@ -427,11 +528,13 @@ class DurableModel:
         A retried request's first answer is rebuilt from them
         (:func:`feature_store.codec.decode_log`).
         """
-        return self.store.records(first, count)
+        with self._reading():
+            return self.store.records(first, count)
 
     def rated(self, user: str) -> set[str]:
         """Items the user has rated (from the log's index), for top-K exclusion."""
-        return self.store.rated(user)
+        with self._reading():
+            return self.store.rated(user)
 
     def user_state(self, user: Any) -> UserState:
         """The user's state (the prior for a user never seen)."""
@@ -519,7 +622,7 @@ class DurableModel:
         """Write every dirty state, the fold-ins and the biases; how many users were written."""
         with self._flush_lock:
             with self._write_lock, self._lock:
-                if self._broken is not None:  # memory may hold effects the log does not
+                if not self._writable:  # memory may hold effects the log does not
                     return 0
                 if self._applied_seq == self._persisted_seq and not force:
                     return 0
@@ -528,11 +631,27 @@ class DurableModel:
         return len(snapshot[0])
 
     def close(self) -> None:
-        """Stop the background writer, write everything back, close the store."""
+        """Stop the background writer, write everything back, close the store.
+
+        On a failing disk the last checkpoint, or RocksDB's own flush, may
+        fail: nothing acknowledged is lost (the log holds it, and the next open
+        replays it), so that is one warning, and the store is released all
+        the same; a server stopped on a full disk exits cleanly.
+        """
         self._stop_writer()
-        if self._broken is None and not self._retired:
-            self.flush()
-        self.store.close()
+        try:
+            if self._writable and not self._retired:
+                self.flush()
+        except Exception as exc:
+            log.warning(
+                "store %s: the last checkpoint failed (%s); the next open replays the log",
+                self.store.path,
+                exc,
+            )
+        try:
+            self.store.close()
+        except DataError as exc:
+            log.warning("%s; the next open replays the log, which holds every write", exc)
 
     # ------------------------------------------------------------------ swap
 
@@ -637,8 +756,12 @@ class DurableModel:
 
         Failures do not only go to the log: they are counted, described by
         :attr:`problem`, and refuse writes after :data:`REFUSE_AFTER` in a row.
+        While the store is broken, each interval tries to :meth:`heal` it instead.
         """
         while not self._stop.wait(self.config.checkpoint_interval):
+            if self._broken is not None:
+                self.heal()
+                continue
             try:
                 self.flush()
             except Exception:  # counted in _persist, and surfaces as problem and refusals
@@ -678,7 +801,7 @@ class DurableModel:
         try:
             for start in range(0, len(user_keys), CHECKPOINT_CHUNK):
                 with self._write_lock, self._lock:
-                    if self._broken is not None:
+                    if not self._writable:
                         return
                     table = self.model.users
                     keys = [k for k in user_keys[start : start + CHECKPOINT_CHUNK] if k in table]
@@ -692,6 +815,8 @@ class DurableModel:
                 states, biases, upto, self.config.state_dtype, slot=self.slot, exact=exact
             )
         except Exception as exc:
+            if is_corruption(exc):
+                raise self._damaged(exc) from None
             self._failed("write_back", exc)
             raise
         self._succeeded("write_back")
@@ -742,12 +867,16 @@ class DurableModel:
             raise Replaced(self._retired or self._superseded)
         self._check_intact()
 
+    @property
+    def _writable(self) -> bool:
+        """Neither broken (memory may be ahead of the log) nor damaged."""
+        return self._broken is None and self._corrupt is None
+
     def _check_intact(self) -> None:
+        if self._corrupt is not None:
+            raise Damaged(self._corrupt)
         if self._broken is not None:
-            raise Unavailable(
-                f"the store refuses writes: {self._broken}; fix the disk, then reopen the store "
-                "(restart the server) to recover"
-            )
+            raise Unavailable(self._refuses())
 
     def _page_in(self, users: Sequence[str], *, counting: bool = False) -> None:
         """Load the checkpoints of users not in memory (a user never seen stays absent).
@@ -768,7 +897,8 @@ class DurableModel:
         self.cache_misses += len(missing)
         self.cache_hits += len(wanted) - len(missing)
         if missing:
-            found, states = self.store.get_states(missing, slot=self.slot)
+            with self._reading():
+                found, states = self.store.get_states(missing, slot=self.slot)
             if counting:
                 self.new_users += int(len(found) - found.sum())
             if states is not None:
@@ -807,7 +937,10 @@ class DurableModel:
             )
 
     def _recover(self) -> int:
-        """Restore the checkpoint, then replay the log after it; how many records were replayed."""
+        """Restore the checkpoint, then replay the log after it; how many records were replayed.
+
+        The replayed states are dirty; the caller writes them back (a flush).
+        """
         self.restore()
         replayed = 0
         for seqs, records in _chunks(self.store.records_after(self._applied_seq)):
@@ -830,7 +963,6 @@ class DurableModel:
             self._shrink()
         if replayed:
             log.info("recovered %d logged observations after checkpoint", replayed)
-            self.flush()
         return replayed
 
 
@@ -846,8 +978,23 @@ class Unavailable(DataError):
     """Writes are refused because the disk fails (the log, or checkpoints); nothing was applied.
 
     Retrying later may succeed: after a failed checkpoint write-back once one
-    succeeds again, after a failed log write or fsync once the store is reopened.
+    succeeds again, after a failed log write or fsync once the store is
+    reopened (:meth:`DurableModel.heal`), which is tried by itself.
     """
+
+    retry_after = HEAL_BACKOFF
+    """Seconds a client should wait before it retries."""
+
+
+class Damaged(DataError):
+    """RocksDB reported damage: writes are refused until the store is restored from a backup."""
+
+
+def _copy_model(model: OnlineModel) -> OnlineModel:
+    """A copy of ``model`` to change apart from it; the item features never change, so shared."""
+    return copy.deepcopy(
+        model, {id(model.features): model.features, id(model.backend): model.backend}
+    )
 
 
 def _chunks(

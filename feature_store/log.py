@@ -77,18 +77,18 @@ class ObservationLog(StoreParts):
         self._unsynced = rocksdict.WriteOptions()
         self._synced = self.last_seq
 
-    def _check_durable(self, recorded: int | None, accept_loss: bool) -> None:
+    def _check_durable(self, recorded: int | None, accept_loss: bool, *, writable: bool) -> None:
         """Compare the log with the durable mark ``recorded`` (None: no mark file yet).
 
         Refuses a log that ends before it, or records the loss if
-        ``accept_loss``. A read-only view only compares (:attr:`missing`
-        tells what is gone); a read-write store opens the mark, creating it
+        ``accept_loss``. A read-only handle only compares (:attr:`missing`
+        tells what is gone); a ``writable`` one opens the mark, creating it
         at the log's end if the store has none yet.
         """
         self.durable_seq = self._log_end if recorded is None else recorded
         self.accepted_now = None
         self._mark = None
-        if self.read_only:
+        if not writable:
             return
         gone = self.missing
         if gone is not None and not accept_loss:

@@ -25,6 +25,7 @@ import os
 import struct
 import threading
 import time
+from contextlib import suppress
 from pathlib import Path
 
 import rocksdict
@@ -113,9 +114,6 @@ class OnlineStore(ObservationLog, Checkpoints, Forgetting, RatedIndex, Receipts,
         existed = check_folder(self.path)
         if read_only and not existed:
             raise DataError(f"no Velox store at {self.path}; check the data folder")
-        # Read before the database: a server beside a read-only view only ever
-        # records numbers its log already holds, so the view sees them all.
-        recorded = read_mark(self.path) if existed else None
         if existed:
             families = set(_column_families(self.path))
             if not set(COLUMN_FAMILIES) <= families:
@@ -123,27 +121,78 @@ class OnlineStore(ObservationLog, Checkpoints, Forgetting, RatedIndex, Receipts,
                     f"{self.path} is a RocksDB database but not a Velox store "
                     f"(column families {sorted(families)}); pass another folder"
                 )
-        with _open_here_lock:
-            self._db = self._open_database(existed, accept_loss)
-            if not read_only:
-                _open_here.add(self.path.resolve())
-        self._cf = {name: self._db.get_column_family(name) for name in COLUMN_FAMILIES}
-        self._handles = {name: self._db.get_column_family_handle(name) for name in COLUMN_FAMILIES}
         self._lock = threading.Lock()
         self._forgets = 0
-        self._mark = None
         self._sync = rocksdict.WriteOptions()
         self._sync.sync = True
+        self._check_lock(existed)
+        with _open_here_lock:
+            self._attach(existed, accept_loss, writable=not read_only)
+            if not read_only:
+                _open_here.add(self.path.resolve())
         try:
-            self._open_log(self.checkpoint_seq)
-            self._check_durable(recorded, accept_loss)
             self._check_format(existed)
         except DataError:
             self.close()
             raise
 
-    def _open_database(self, existed: bool, accept_loss: bool) -> rocksdict.Rdict:
-        """The RocksDB handle; a store another holder has locked is refused by who holds it.
+    def _attach(self, existed: bool, accept_loss: bool, *, writable: bool) -> None:
+        """Open the database handle, its column families, the log's numbering and durable mark.
+
+        The mark is read before the database: a server beside a read-only
+        view only ever records numbers its log already holds, so the view
+        sees them all.
+        """
+        recorded = read_mark(self.path) if existed else None
+        self._db = self._open_database(accept_loss, writable)
+        self._cf = {name: self._db.get_column_family(name) for name in COLUMN_FAMILIES}
+        self._handles = {name: self._db.get_column_family_handle(name) for name in COLUMN_FAMILIES}
+        self._mark = None
+        try:
+            self._open_log(self.checkpoint_seq)
+            self._check_durable(recorded, accept_loss, writable=writable)
+        except DataError:
+            self._detach(f"store {self.path} could not be opened")
+            raise
+
+    def _detach(self, why: str) -> None:
+        """Drop the database handle and every view of it; RocksDB closes the database (and
+        frees its LOCK) once the last reference is gone. Later use raises ``why``."""
+        if self._mark is not None:
+            self._mark.close()
+            self._mark = None
+        self._cf, self._handles = _Detached(why), _Detached(why)
+        self._db = None  # type: ignore[assignment]
+
+    def reopen(self) -> None:
+        """Close the database handle and open it again in this object: same path, same options.
+
+        For a store whose log write or fsync failed (a full disk): RocksDB
+        then refuses every later write (it has no way to resume in rocksdict),
+        and a new handle recovers its write-ahead log as a restart would (the
+        next sequence number and the durable mark are read again from what is
+        on disk). Every holder of this object keeps a valid reference: the
+        handle is replaced inside it, under the commit lock. A store that
+        cannot be opened read-write (the disk is still full, or another
+        thread's iterator still holds the old handle) raises one sentence and
+        is left open read-only, so reads go on from what is on disk; call
+        again later.
+        """
+        with self._lock:
+            old = self._db
+            self._detach(f"store {self.path} is being reopened; retry")
+            with suppress(Exception):  # what it could not write, the write-ahead log holds
+                old.close()
+            del old
+            try:
+                self._attach(True, False, writable=True)
+            except DataError:
+                with suppress(DataError):
+                    self._attach(True, False, writable=False)
+                raise
+
+    def _check_lock(self, existed: bool) -> None:
+        """Refuse a store another holder has locked, by who holds it.
 
         rocksdict raises a bare ``Exception`` whatever went wrong, so the lock
         is checked first, by its state: held in this process (RocksDB's lock
@@ -158,13 +207,16 @@ class OnlineStore(ObservationLog, Checkpoints, Forgetting, RatedIndex, Receipts,
                     f"store {self.path} is in use by {holder} (its LOCK is held); stop that "
                     "process or close the store, or open a read-only view (velox store inspect)"
                 )
+
+    def _open_database(self, accept_loss: bool, writable: bool) -> rocksdict.Rdict:
+        """The RocksDB handle; a failure is one sentence that names the damaged file."""
         access = rocksdict.AccessType
         try:
             return rocksdict.Rdict(
                 str(self.path),
                 open_options(accept_loss=accept_loss),
                 column_families=family_options(),
-                access_type=access.read_only() if self.read_only else access.read_write(),
+                access_type=access.read_write() if writable else access.read_only(),
             )
         except Exception as exc:  # rocksdict raises a bare Exception for every failed open
             raise DataError(describe_failure(self.path, exc)) from None
@@ -251,20 +303,23 @@ class OnlineStore(ObservationLog, Checkpoints, Forgetting, RatedIndex, Receipts,
         rocksdict.Checkpoint(self._db).create_checkpoint(str(target))
 
     def close(self) -> None:
-        """Flush and release the database and its lock.
+        """Flush and release the database and its lock; a failure is one sentence (DataError).
 
         The column-family views share the database, so the lock is only
-        released once they are dropped too.
+        released once they are dropped too. A store whose disk fails cannot
+        flush its memtables: what they hold is in the write-ahead log, which
+        the next open replays, so the lock is released all the same.
         """
-        if not self._cf:  # already closed
+        if isinstance(self._cf, _Detached):  # already closed
             return
-        self._cf.clear()
-        self._handles.clear()
-        if self._mark is not None:
-            self._mark.close()
+        db = self._db
+        self._detach(f"store {self.path} is closed")
         try:
-            self._db.close()  # raises what RocksDB could not write (a failed disk)
+            db.close()  # raises what RocksDB could not write (a failed disk)
+        except Exception as exc:  # rocksdict raises a bare Exception for every failure
+            raise DataError(describe_failure(self.path, exc, "closed")) from None
         finally:
+            del db
             if not self.read_only:
                 with _open_here_lock:
                     _open_here.discard(self.path.resolve())
@@ -274,6 +329,17 @@ class OnlineStore(ObservationLog, Checkpoints, Forgetting, RatedIndex, Receipts,
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class _Detached(dict):
+    """The column families of a store without a database handle: every lookup says why."""
+
+    def __init__(self, why: str) -> None:
+        super().__init__()
+        self.why = why
+
+    def __missing__(self, name: str) -> None:
+        raise DataError(self.why)
 
 
 def _column_families(path: Path) -> list[str]:

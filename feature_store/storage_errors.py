@@ -3,7 +3,8 @@
 rocksdict raises a bare ``Exception`` carrying RocksDB's status text for
 every failure, so the cause is read from that text: a damaged MANIFEST (the
 list of the database's files), a damaged or missing table file (``.sst``), a
-damaged write-ahead log (``.log``), a held lock, a missing file.
+damaged write-ahead log (``.log``), a held lock, a missing file. Damage a
+serving store meets in a read or a write is told by :func:`describe_damage`.
 """
 
 from __future__ import annotations
@@ -42,6 +43,22 @@ def describe_failure(path: Path, exc: BaseException, doing: str = "opened") -> s
             f"acknowledged after the damage are unreadable; {RESTORE}, or {ACCEPT_LOSS}"
         )
     return f"{lead}: {_first_line(text)}; check the folder and its permissions, or {RESTORE}"
+
+
+def is_corruption(exc: BaseException) -> bool:
+    """Whether RocksDB's ``exc`` reports damaged data (status *Corruption*), not a failing call."""
+    return "Corruption:" in str(exc)
+
+
+def describe_damage(path: Path, exc: BaseException) -> str:
+    """One sentence for damage a serving store met (``exc``: a :func:`is_corruption` error)."""
+    named = _FILE.search(str(exc))
+    where = f"its file {named.group(1)}" if named else "its data"
+    return (
+        f"store {path} is damaged: RocksDB found {where} corrupt ({_first_line(str(exc))}), "
+        f"so it takes no more writes; run velox store verify to see what is damaged, then "
+        f"{RESTORE}"
+    )
 
 
 def describe_loss(path: Path, missing: tuple[int, int]) -> str:

@@ -19,7 +19,7 @@ import msgspec
 from aiohttp import HttpVersion11, web
 from aiohttp.http_exceptions import ContentEncodingError, DecompressSizeError, HttpProcessingError
 
-from feature_store.durable import Busy, Replaced, Unavailable
+from feature_store.durable import Busy, Damaged, Replaced, Unavailable
 from serving.batcher import Closed
 from serving.metrics import Metrics
 from serving.schemas import RequestError
@@ -99,7 +99,11 @@ def _failure(request: web.Request, exc: Exception) -> web.Response:
         return web.Response(status=CLIENT_GONE)
     if isinstance(exc, InputError):
         return error_response(422, "validation_error", str(exc))
-    if isinstance(exc, Closed | Busy | Replaced | Unavailable):  # (a failing disk: the sentence)
+    if isinstance(exc, Unavailable):  # a failing disk: the sentence, and when to try again
+        response = error_response(503, "unavailable", str(exc))
+        response.headers["Retry-After"] = str(exc.retry_after)
+        return response
+    if isinstance(exc, Closed | Busy | Replaced | Damaged):  # (a damaged store: the sentence)
         return error_response(503, "unavailable", str(exc))
     if isinstance(exc, VeloxError):  # the detail (paths, storage errors) stays in the log
         log.error("request failed: %s", exc)
