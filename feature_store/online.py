@@ -186,8 +186,8 @@ class OnlineStore(ObservationLog, Checkpoints, Forgetting, RatedIndex, Receipts,
             del old
             try:
                 self._attach(True, False, writable=True)
-            except DataError:
-                with suppress(DataError):
+            except Exception:
+                with suppress(Exception):
                     self._attach(True, False, writable=False)
                 raise
 
