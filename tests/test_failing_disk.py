@@ -2,10 +2,11 @@
 
 A real full filesystem (a small tmpfs, where one can be mounted) fails the
 log write first: the model refuses every write from then on until the store
-is reopened (by itself once space is back: ``tests/test_disk_heals.py``). A disk that fails only the checkpoint write-back, the one place
-a failing disk could grow memory without bound, cannot be made for real, so
-there the fault is injected into the store's checkpoint write; everything
-else is real: RocksDB, the log, eviction, recovery.
+is reopened (by itself once space is back: ``tests/test_disk_heals.py``).
+A disk that fails only the checkpoint write-back, the one place a failing
+disk could grow memory without bound, cannot be made for real, so there the
+fault is injected into the store's checkpoint write; everything else is
+real: RocksDB, the log, eviction, recovery.
 """
 
 from __future__ import annotations
