@@ -29,6 +29,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+from velox.errors import DataError
+
 log = logging.getLogger(__name__)
 
 _LULL = 0.00005
@@ -227,7 +229,10 @@ class MicroBatcher:
         try:
             result = self._apply(*columns, tags)
         except Exception as exc:  # every request of the batch gets the failure
-            log.exception("applying a batch of %d observations failed", size)
+            if isinstance(exc, DataError):  # a refusal that says why (a full disk): no traceback
+                log.warning("a batch of %d observations was refused: %s", size, exc)
+            else:
+                log.exception("applying a batch of %d observations failed", size)
             _answer(parts, None, exc)
             return
         if self._group is None:
