@@ -33,7 +33,7 @@ Checks (``--check`` exits 1 when one fails):
 
 Usage: ``python -m benchmarks.retrain_load [--observations 200000] [--clients 4]
 [--rate 20] [--seconds 120] [--warm-up 40] [--after 40] [--data ../shared/data/ml-100k]
-[--check]``.
+[--records FILE] [--check]``; ``--records`` keeps every request's record for a closer look.
 """
 
 from __future__ import annotations
@@ -307,10 +307,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warm-up", type=float, default=40.0, help="seconds before the trigger")
     parser.add_argument("--after", type=float, default=40.0, help="seconds after the run")
     parser.add_argument("--data", help="MovieLens 100K folder: its ratings in time order")
+    parser.add_argument("--records", help="write every request's record and the run here (JSON)")
     parser.add_argument("--check", action="store_true", help="exit 1 when a check fails")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="velox-retrain-load-", dir=".") as scratch:
-        problems = report(run_load(args, Path(scratch)))
+        figures = run_load(args, Path(scratch))
+    if args.records:
+        Path(args.records).write_text(json.dumps(figures))
+    problems = report(figures)
     for problem in problems:
         print(problem)
     return 1 if args.check and problems else 0
