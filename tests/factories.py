@@ -9,11 +9,16 @@ from velox.features import MatrixFactorization
 from velox.model import Applied, OnlineModel
 
 
+def training_counts(items: int) -> np.ndarray:
+    """The training rating counts :func:`small_model` gives its items (0 to 6)."""
+    return np.arange(items) % 7.0
+
+
 def small_model(rank: int = 3, items: int = 20, version: str = "v7", **config) -> OnlineModel:
     """A model over random features of ``items`` items ``i0``, ``i1``, ... (seeded).
 
-    Without forgetting unless ``config`` asks for it, so a user's state is the
-    plain ridge solution the tests compare with.
+    Without forgetting or drift unless ``config`` asks for them, so a user's
+    state is the plain ridge solution the tests compare with.
     """
     rng = np.random.default_rng(0)
     ids = [f"i{j}" for j in range(items)]
@@ -23,7 +28,8 @@ def small_model(rank: int = 3, items: int = 20, version: str = "v7", **config) -
         global_mean=3.5,
         item_bias=rng.normal(0, 0.3, items),
         train_count=1000,
-        config=ModelConfig(**{"forgetting": 1.0, **config}),
+        item_count=training_counts(items),
+        config=ModelConfig(**{"forgetting": 1.0, "bias_drift": 0.0, **config}),
     )
 
 

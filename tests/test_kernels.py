@@ -12,6 +12,7 @@ from tests.kernel_checks import (
     SUPPRESSED,
     KernelChecks,
     batch_solution,
+    drifting_solution,
     relative_error,
     streams,
 )
@@ -114,7 +115,7 @@ def test_the_in_order_loop_equals_the_weighted_batch_ridge_of_one_state(case, in
     users = stream.Ridge(P, w, A, b, np.zeros(1, np.int64), np.zeros(1), gamma, interval)
     empty = np.zeros((1, 0, 0)), np.zeros((1, 0)), np.zeros((1, 0, 0)), np.zeros((1, 0))
     folds = stream.Ridge(*empty, np.zeros(1, np.int64), np.zeros(1), 1.0, 1000)
-    biases = stream.Biases(np.array([0.0, 1.0]), *np.zeros((3, 1)), 1.0)
+    biases = stream.Biases(np.array([0.0, 1.0]), *np.zeros((4, 1)))
     rows = stream.Rows(np.zeros(n, np.int64), np.arange(n), np.full(n, -1), np.zeros(n, np.int64))
     coordinates = np.zeros(0, np.int64), np.arange(d)
     recorded = stream.Effects(np.zeros(n), t, np.zeros(n), np.zeros((n, d)), np.zeros((n, 0)),
@@ -126,3 +127,40 @@ def test_the_in_order_loop_equals_the_weighted_batch_ridge_of_one_state(case, in
     assert relative_error(w[0], want) < 1e-8
     np.testing.assert_allclose(A[0], A_want, rtol=1e-12, atol=1e-12)
     assert users.count[0] == n
+
+
+@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=SUPPRESSED)
+@given(streams(forgetting=True), st.floats(0.001, 0.5), st.integers(1, 7))
+def test_the_in_order_loop_takes_the_drift_step_before_each_update(case, drift, interval):
+    """The compiled loop's drift (and its refits from ``A``, ``b``) equals the explicit walk."""
+    d, lam, gamma, f, t, w0 = case
+    n = t.size
+    P, w, A, b = TestPublicUpdateOnNumPy().prior_states(1, d, lam, w0)
+    users = stream.Ridge(P, w, A, b, np.zeros(1, np.int64), np.zeros(1), gamma, interval,
+                         drift, d - 1)  # fmt: skip
+    empty = np.zeros((1, 0, 0)), np.zeros((1, 0)), np.zeros((1, 0, 0)), np.zeros((1, 0))
+    folds = stream.Ridge(*empty, np.zeros(1, np.int64), np.zeros(1), 1.0, 1000)
+    biases = stream.Biases(np.array([0.0, 1.0]), *np.zeros((4, 1)))
+    rows = stream.Rows(np.zeros(n, np.int64), np.arange(n), np.full(n, -1), np.zeros(n, np.int64))
+    coordinates = np.zeros(0, np.int64), np.arange(d)
+    recorded = stream.Effects(np.zeros(n), t, np.zeros(n), np.zeros((n, d)), np.zeros((n, 0)),
+                              np.zeros(n))  # fmt: skip
+    features = (np.ascontiguousarray(f), np.zeros(d), *coordinates)
+    stream.apply_stream(users, folds, biases, rows, features, t, np.arange(n, dtype=float),
+                        recorded, replay=True)  # fmt: skip
+    want, A_want = drifting_solution(lam, gamma, drift, f, t, w0)
+    assert relative_error(w[0], want) < 1e-8
+    np.testing.assert_allclose(A[0], A_want, rtol=1e-9, atol=1e-9)
+
+
+def test_a_table_with_drift_applies_it_on_the_rounds_path():
+    """:meth:`RidgeTable.update` (the GPU's rounds) takes the same drift step as the loop."""
+    rng = np.random.default_rng(4)
+    d, n, lam, drift = 4, 40, 2.0, 0.05
+    table = RidgeTable(d, regularization=lam, backend=CPU, walk=drift, walk_coordinate=d - 1)
+    row = table.ensure(["u"])
+    f, t = rng.normal(size=(n, d)), rng.normal(size=n)
+    for j in range(n):
+        table.update(row, f[j : j + 1], t[j : j + 1], float(j))
+    want, _ = drifting_solution(lam, 1.0, drift, f, t, np.zeros(d))
+    assert relative_error(table.w[0], want) < 1e-8

@@ -433,6 +433,7 @@ def finish(
         user_gram=users.gram,
         user_rhs=users.rhs,
         user_count=totals.user_count,
+        item_count=totals.item_weight,
         train_rmse=float(np.sqrt(users.squared_error / totals.ratings)),
     )
 

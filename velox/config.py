@@ -77,11 +77,23 @@ class ModelConfig:
         high=1.0,
         low_open=True,
     )
+    bias_drift: float = setting(
+        0.0,
+        "Variance of the random walk a user's bias takes before each of the user's "
+        "observations (0: none).",
+        low=0.0,
+    )
     dtype: str = setting(
         "float64", "Floating type of user states and features.", choices=("float64", "float32")
     )
     bias_regularization: float = setting(
         25.0, "Pseudo-count pulling an item's online bias to its trained value.", low=0.0
+    )
+    bias_count_weight: float = setting(
+        0.0,
+        "Pseudo-observations per training rating of an item behind its trained bias "
+        "(added to bias_regularization).",
+        low=0.0,
     )
     mean_regularization: float = setting(
         100.0,

@@ -118,6 +118,27 @@ def rank_one_update(P: Any, w: Any, A: Any, b: Any, f: Any, t: Any, gamma: float
     return pred
 
 
+def diffuse(P: Any, w: Any, A: Any, b: Any, coordinate: int, variance: float) -> None:
+    """Coordinate ``c`` of each state takes a random-walk step of variance ``q``, in place.
+
+    A Kalman prediction step: the weight does not move, its uncertainty grows::
+
+        P <- P + q e_c e_c^T
+        A <- A - q a a^T / (1 + q a_c)      (a = A e_c: Sherman–Morrison)
+        b <- b - q a (a.w) / (1 + q a_c)    (so that w = A^-1 b still)
+
+    The online model applies it to a user's bias coordinate before each of
+    the user's observations: tastes stay, the user's rating level wanders.
+    """
+    xp = array_module(P)
+    a = A[:, :, coordinate].copy()
+    scale = variance / (1.0 + variance * a[:, coordinate])
+    aw = xp.einsum("ij,ij->i", a, w)
+    A -= scale[:, None, None] * a[:, :, None] * a[:, None, :]
+    b -= (scale * aw)[:, None] * a
+    P[:, coordinate, coordinate] += variance
+
+
 def refit_rows(P: Any, w: Any, A: Any, b: Any, rows: Any) -> None:
     """Re-factorise the states at ``rows`` in place from their sufficient statistics."""
     P[rows], w[rows] = ridge_refit(A[rows], b[rows])

@@ -84,6 +84,33 @@ def _update_rows(P, w, A, b, f, t, gamma, rows, todo, pred, drifted):  # pragma:
 
 
 @numba.njit(cache=True, boundscheck=False)
+def diffuse(P, w, A, b, c, q, f, u, quad, column):  # pragma: no cover - compiled
+    """Coordinate ``c`` of one state takes a random-walk step of variance ``q``.
+
+    ``P <- P + q e_c e_c^T``, and ``A``, ``b`` follow (Sherman–Morrison) so that
+    ``A = P^-1`` and ``w = A^-1 b`` still hold; ``w`` does not move. ``u = P f``
+    and ``quad = f^T P f``, computed before, are brought up to date; the new
+    ``quad`` is returned. ``column`` is scratch space of length ``d``.
+    """
+    d = w.shape[0]
+    a_cc = A[c, c]
+    scale = q / (1.0 + q * a_cc)
+    aw = 0.0
+    for m in range(d):
+        aw += A[c, m] * w[m]
+    for m in range(d):
+        column[m] = A[c, m]
+    for i in range(d):
+        ki = scale * column[i]
+        for m in range(d):
+            A[i, m] -= ki * column[m]
+        b[i] -= ki * aw
+    P[c, c] += q
+    u[c] += q * f[c]
+    return quad + q * f[c] * f[c]
+
+
+@numba.njit(cache=True, boundscheck=False)
 def _copy(source, target):  # pragma: no cover - compiled
     for m in range(source.size):
         target[m] = source[m]
@@ -91,9 +118,9 @@ def _copy(source, target):  # pragma: no cover - compiled
 
 @numba.njit(cache=True, boundscheck=False)
 def in_order(  # the compiled loop takes its arrays flat  # pragma: no cover
-    UP, Uw, UA, Ub, Ucount, Uupdated, Ugamma, Uinterval,
-    IP, Iw, IA, Ib, Icount, Iupdated, Igamma, Iinterval,
-    totals, prior, sums, counts, bias_reg,
+    UP, Uw, UA, Ub, Ucount, Uupdated, Ugamma, Uinterval, Uwalk, Ucoordinate,
+    IP, Iw, IA, Ib, Icount, Iupdated, Igamma, Iinterval, Iwalk, Icoordinate,
+    totals, prior, weight, sums, counts,
     user_rows, feature_rows, fold_rows, bias_rows,
     F, base, free, fixed, y, when, skip_user, replay,
     predictions, targets, residuals, cold_features, foldin_inputs, foldin_targets,
@@ -108,6 +135,7 @@ def in_order(  # the compiled loop takes its arrays flat  # pragma: no cover
     x = np.empty(k, dtype=UP.dtype)
     u = np.empty(d, dtype=UP.dtype)
     v = np.empty(k, dtype=UP.dtype)
+    g = np.empty(d, dtype=UP.dtype)
     cast = np.empty(2, dtype=UP.dtype)  # targets in the states' dtype, as the kernels take them
     for j in range(start, y.size):
         r, c, q = user_rows[j], fold_rows[j], bias_rows[j]
@@ -120,7 +148,7 @@ def in_order(  # the compiled loop takes its arrays flat  # pragma: no cover
             for m in range(k):
                 f[free[m]] = Iw[c, m]
         mu = totals[0] / totals[1]
-        bias = (bias_reg * prior[q] + sums[q]) / max(bias_reg + counts[q], 1e-12)
+        bias = (weight[q] * prior[q] + sums[q]) / max(weight[q] + counts[q], 1e-12)
         t = targets[j] if replay else y[j] - mu - bias
         user = not skip_user[j]
         quad_u = project(UP[r], f, u) if user else 0.0
@@ -146,6 +174,8 @@ def in_order(  # the compiled loop takes its arrays flat  # pragma: no cover
                 return j, r if drift_u else -1, c if drift_i else -1
         linear = 0.0
         if user:
+            if Uwalk > 0.0:  # (fold-ins take no walk)
+                quad_u = diffuse(UP[r], Uw[r], UA[r], Ub[r], Ucoordinate, Uwalk, f, u, quad_u, g)
             cast[0] = t
             linear = apply_gain(UP[r], Uw[r], UA[r], Ub[r], f, cast[0], Ugamma, u, quad_u)
             Ucount[r] += 1
