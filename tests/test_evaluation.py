@@ -224,11 +224,17 @@ def test_a_running_server_scores_the_stream_as_the_in_process_online_policy(tmp_
 def test_tune_picks_the_best_grid_point_on_the_training_part_alone(table):
     from velox.evaluation.tune import Grid, score_grid, tune
 
-    grid = Grid(ranks=(2, 4), regularization=((0.0, 5.0), (0.5, 1.0)), forgetting=(1.0, 0.98))
+    grid = Grid(
+        ranks=(2, 4),
+        regularization=((0.0, 5.0), (0.5, 1.0)),
+        bias_count_weights=(1.0,),
+        forgetting=(1.0, 0.98),
+        bias_drift=(0.0, 0.01),
+    )
     train, stream = temporal(table, 0.5)
     params, model = ALSParams(iterations=3), ModelConfig()
     ranked = tune(train, params, model, grid)
-    assert len(ranked) == 2 * 2 * 3 * 2
+    assert len(ranked) == 2 * 2 * 3 * 2 * 2
     assert [c.rmse for c in ranked] == sorted(c.rmse for c in ranked)
     past, recent = temporal(train, 0.8)
     again = score_grid(past, recent, params, model, grid)
