@@ -171,8 +171,11 @@ def test_the_per_user_protocol_on_movielens(ml100k):
         load_movielens(ml100k), ALSParams(rank=10, iterations=10), ModelConfig()
     )
     assert figures["held_out"] > 50_000
-    assert figures["retrained_rmse"] < figures["online_rmse"] < figures["offline_rmse"]
-    assert 0.3 < figures["recovered"] < 1.0
+    assert figures["retrained_rmse"] < figures["offline_rmse"]
+    assert figures["online_rmse"] < figures["offline_rmse"]
+    # Not bounded by 1: the online model's bias walk follows a user's recent level, which a
+    # retrain on the same ratings weighs like the oldest, so online may beat the retrain.
+    assert figures["recovered"] > 0.3
 
 
 def test_a_running_server_scores_the_stream_as_the_in_process_online_policy(tmp_path):
