@@ -123,6 +123,7 @@ class KernelChecks:
         want, A_want = drifting_solution(lam, gamma, drift, f, t, w0)
         assert relative_error(self.to_np(w)[0], want) < 1e-8
         np.testing.assert_allclose(self.to_np(A)[0], A_want, rtol=1e-9, atol=1e-9)
+        np.testing.assert_array_equal(self.to_np(A)[0], self.to_np(A)[0].T)
         np.testing.assert_allclose(
             self.to_np(P)[0] @ self.to_np(A)[0], np.eye(d), rtol=1e-8, atol=1e-8
         )

@@ -151,6 +151,7 @@ def test_the_in_order_loop_takes_the_drift_step_before_each_update(case, drift, 
     want, A_want = drifting_solution(lam, gamma, drift, f, t, w0)
     assert relative_error(w[0], want) < 1e-8
     np.testing.assert_allclose(A[0], A_want, rtol=1e-9, atol=1e-9)
+    np.testing.assert_array_equal(A[0], A[0].T)  # checkpoints store the upper triangle
 
 
 def test_a_table_with_drift_applies_it_on_the_rounds_path():

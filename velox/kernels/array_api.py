@@ -134,7 +134,7 @@ def diffuse(P: Any, w: Any, A: Any, b: Any, coordinate: int, variance: float) ->
     a = A[:, :, coordinate].copy()
     scale = variance / (1.0 + variance * a[:, coordinate])
     aw = xp.einsum("ij,ij->i", a, w)
-    A -= scale[:, None, None] * a[:, :, None] * a[:, None, :]
+    A -= scale[:, None, None] * (a[:, :, None] * a[:, None, :])  # exactly symmetric
     b -= (scale * aw)[:, None] * a
     P[:, coordinate, coordinate] += variance
 

@@ -100,11 +100,10 @@ def diffuse(P, w, A, b, c, q, f, u, quad, column):  # pragma: no cover - compile
         aw += A[c, m] * w[m]
     for m in range(d):
         column[m] = A[c, m]
-    for i in range(d):
-        ki = scale * column[i]
+    for i in range(d):  # scale * (a_i a_m): the same bits at (i, m) and (m, i), A stays symmetric
         for m in range(d):
-            A[i, m] -= ki * column[m]
-        b[i] -= ki * aw
+            A[i, m] -= scale * (column[i] * column[m])
+        b[i] -= scale * column[i] * aw
     P[c, c] += q
     u[c] += q * f[c]
     return quad + q * f[c] * f[c]
