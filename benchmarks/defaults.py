@@ -77,6 +77,7 @@ def _single(candidate):
         bias_count_weights=(m.bias_count_weight,),
         forgetting=(m.forgetting,),
         bias_drift=(m.bias_drift,),
+        train_forgetting=(p.forgetting,),
     )
 
 

@@ -233,6 +233,7 @@ def test_tune_picks_the_best_grid_point_on_the_training_part_alone(table):
         bias_count_weights=(1.0,),
         forgetting=(1.0, 0.98),
         bias_drift=(0.0, 0.01),
+        train_forgetting=(1.0,),
     )
     train, stream = temporal(table, 0.5)
     params, model = ALSParams(iterations=3), ModelConfig()

@@ -10,7 +10,8 @@ The grid (:data:`GRID`): rank 3, 5, 10; regularisation ``lambda n^e`` with
 e = 0 (lambda 2.5, 5, 10) or e = 0.5 (lambda 0.5, 1, 2), the same for users
 and items, and a new user's prior at the same lambda; bias pseudo-count 3,
 10, 25; a trained item bias worth 0 or 1 pseudo-observation per training
-rating; forgetting 1, 0.99, 0.98; a user-bias drift of 0, 0.003 or 0.01.
+rating; forgetting 1, 0.99, 0.98; a user-bias drift of 0, 0.003 or 0.01; ALS age
+weights (``train.forgetting``) 1, 0.995 or 0.99.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ class Grid:
     bias_count_weights: tuple[float, ...] = (0.0, 1.0)
     forgetting: tuple[float, ...] = (1.0, 0.99, 0.98)
     bias_drift: tuple[float, ...] = (0.0, 0.003, 0.01)
+    train_forgetting: tuple[float, ...] = (1.0, 0.995, 0.99)
 
 
 GRID = Grid()
@@ -67,6 +69,7 @@ class Candidate:
             "train.user_regularization": self.params.user_regularization,
             "train.item_regularization": self.params.item_regularization,
             "train.regularization_exponent": self.params.regularization_exponent,
+            "train.forgetting": self.params.forgetting,
             "model.regularization": self.model.regularization,
             "model.bias_regularization": self.model.bias_regularization,
             "model.bias_count_weight": self.model.bias_count_weight,
@@ -92,13 +95,15 @@ def score_grid(
     scale = float(ratings.min()), float(ratings.max())
     truth = stream.column("rating").to_numpy()
     scored = []
-    for rank, (exponent, strength) in itertools.product(grid.ranks, grid.regularization):
+    trainings = itertools.product(grid.ranks, grid.regularization, grid.train_forgetting)
+    for rank, (exponent, strength), ageing in trainings:
         point = dataclasses.replace(
             params,
             rank=rank,
             user_regularization=strength,
             item_regularization=strength,
             regularization_exponent=exponent,
+            forgetting=ageing,
         )
         trained = train_als(Ratings.from_table(train), point)
         settings = itertools.product(
