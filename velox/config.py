@@ -71,7 +71,7 @@ class ModelConfig:
         choices=("mean", "zero"),
     )
     forgetting: float = setting(
-        0.99,
+        1.0,
         "Forgetting factor gamma in (0, 1]; 1 keeps every observation.",
         low=0.0,
         high=1.0,
@@ -177,7 +177,7 @@ class TrainConfig:
         0, "Blocks per half-step in distributed mode (0: Spark's parallelism).", low=0
     )
     rank: int = setting(
-        3, "Latent factors per item; the served features are [factors, 1].", low=1, high=1024
+        5, "Latent factors per item; the served features are [factors, 1].", low=1, high=1024
     )
     user_regularization: float = setting(
         5.0,
@@ -199,7 +199,7 @@ class TrainConfig:
     )
     iterations: int = setting(15, "ALS iterations (each a user and an item half-step).", low=1)
     forgetting: float = setting(
-        1.0,
+        0.99,
         "Weight gamma^k for a rating followed by k later ratings of its user (1: no ageing).",
         low=0.0,
         high=1.0,
