@@ -102,6 +102,26 @@ def test_the_compiled_ridge_solve_refuses_a_matrix_that_is_not_positive_definite
     np.testing.assert_allclose(kernels.ridge_solve(2 * np.eye(3)[None], np.ones((1, 3))), 0.5)
 
 
+def _one_state_through_the_loop(case, interval: int, walk: float = 0.0) -> stream.Ridge:
+    """Replay a stream of recorded targets into one user state through the in-order loop."""
+    d, lam, gamma, f, t, w0 = case
+    n = t.size
+    P, w, A, b = TestPublicUpdateOnNumPy().prior_states(1, d, lam, w0)
+    users = stream.Ridge(P, w, A, b, np.zeros(1, np.int64), np.zeros(1), gamma, interval,
+                         walk, d - 1)  # fmt: skip
+    empty = np.zeros((1, 0, 0)), np.zeros((1, 0)), np.zeros((1, 0, 0)), np.zeros((1, 0))
+    folds = stream.Ridge(*empty, np.zeros(1, np.int64), np.zeros(1), 1.0, 1000)
+    biases = stream.Biases(np.array([0.0, 1.0]), *np.zeros((4, 1)))
+    rows = stream.Rows(np.zeros(n, np.int64), np.arange(n), np.full(n, -1), np.zeros(n, np.int64))
+    coordinates = np.zeros(0, np.int64), np.arange(d)
+    recorded = stream.Effects(np.zeros(n), t, np.zeros(n), np.zeros((n, d)), np.zeros((n, 0)),
+                              np.zeros(n))  # fmt: skip
+    features = (np.ascontiguousarray(f), np.zeros(d), *coordinates)
+    stream.apply_stream(users, folds, biases, rows, features, t, np.arange(n, dtype=float),
+                        recorded, replay=True)  # fmt: skip
+    return users
+
+
 @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=SUPPRESSED)
 @given(streams(forgetting=True), st.integers(1, 7))
 def test_the_in_order_loop_equals_the_weighted_batch_ridge_of_one_state(case, interval):
@@ -109,49 +129,24 @@ def test_the_in_order_loop_equals_the_weighted_batch_ridge_of_one_state(case, in
 
     On replay (recorded targets) the loop's user update is the recursion alone.
     """
-    d, lam, gamma, f, t, w0 = case
-    n = t.size
-    P, w, A, b = TestPublicUpdateOnNumPy().prior_states(1, d, lam, w0)
-    users = stream.Ridge(P, w, A, b, np.zeros(1, np.int64), np.zeros(1), gamma, interval)
-    empty = np.zeros((1, 0, 0)), np.zeros((1, 0)), np.zeros((1, 0, 0)), np.zeros((1, 0))
-    folds = stream.Ridge(*empty, np.zeros(1, np.int64), np.zeros(1), 1.0, 1000)
-    biases = stream.Biases(np.array([0.0, 1.0]), *np.zeros((4, 1)))
-    rows = stream.Rows(np.zeros(n, np.int64), np.arange(n), np.full(n, -1), np.zeros(n, np.int64))
-    coordinates = np.zeros(0, np.int64), np.arange(d)
-    recorded = stream.Effects(np.zeros(n), t, np.zeros(n), np.zeros((n, d)), np.zeros((n, 0)),
-                              np.zeros(n))  # fmt: skip
-    features = (np.ascontiguousarray(f), np.zeros(d), *coordinates)
-    stream.apply_stream(users, folds, biases, rows, features, t, np.arange(n, dtype=float),
-                        recorded, replay=True)  # fmt: skip
+    _, lam, gamma, f, t, w0 = case
+    users = _one_state_through_the_loop(case, interval)
     want, A_want = batch_solution(lam, gamma, f, t, w0)
-    assert relative_error(w[0], want) < 1e-8
-    np.testing.assert_allclose(A[0], A_want, rtol=1e-12, atol=1e-12)
-    assert users.count[0] == n
+    assert relative_error(users.w[0], want) < 1e-8
+    np.testing.assert_allclose(users.A[0], A_want, rtol=1e-12, atol=1e-12)
+    assert users.count[0] == t.size
 
 
 @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=SUPPRESSED)
 @given(streams(forgetting=True), st.floats(0.001, 0.5), st.integers(1, 7))
 def test_the_in_order_loop_takes_the_drift_step_before_each_update(case, drift, interval):
     """The compiled loop's drift (and its refits from ``A``, ``b``) equals the explicit walk."""
-    d, lam, gamma, f, t, w0 = case
-    n = t.size
-    P, w, A, b = TestPublicUpdateOnNumPy().prior_states(1, d, lam, w0)
-    users = stream.Ridge(P, w, A, b, np.zeros(1, np.int64), np.zeros(1), gamma, interval,
-                         drift, d - 1)  # fmt: skip
-    empty = np.zeros((1, 0, 0)), np.zeros((1, 0)), np.zeros((1, 0, 0)), np.zeros((1, 0))
-    folds = stream.Ridge(*empty, np.zeros(1, np.int64), np.zeros(1), 1.0, 1000)
-    biases = stream.Biases(np.array([0.0, 1.0]), *np.zeros((4, 1)))
-    rows = stream.Rows(np.zeros(n, np.int64), np.arange(n), np.full(n, -1), np.zeros(n, np.int64))
-    coordinates = np.zeros(0, np.int64), np.arange(d)
-    recorded = stream.Effects(np.zeros(n), t, np.zeros(n), np.zeros((n, d)), np.zeros((n, 0)),
-                              np.zeros(n))  # fmt: skip
-    features = (np.ascontiguousarray(f), np.zeros(d), *coordinates)
-    stream.apply_stream(users, folds, biases, rows, features, t, np.arange(n, dtype=float),
-                        recorded, replay=True)  # fmt: skip
+    _, lam, gamma, f, t, w0 = case
+    users = _one_state_through_the_loop(case, interval, drift)
     want, A_want = drifting_solution(lam, gamma, drift, f, t, w0)
-    assert relative_error(w[0], want) < 1e-8
-    np.testing.assert_allclose(A[0], A_want, rtol=1e-9, atol=1e-9)
-    np.testing.assert_array_equal(A[0], A[0].T)  # checkpoints store the upper triangle
+    assert relative_error(users.w[0], want) < 1e-8
+    np.testing.assert_allclose(users.A[0], A_want, rtol=1e-9, atol=1e-9)
+    np.testing.assert_array_equal(users.A[0], users.A[0].T)  # checkpoints store the upper half
 
 
 def test_a_table_with_drift_applies_it_on_the_rounds_path():
