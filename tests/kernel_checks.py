@@ -116,7 +116,7 @@ class KernelChecks:
         d, lam, gamma, f, t, w0 = case
         P, w, A, b = self.prior_states(1, d, lam, w0)
         for row, target in zip(f, t, strict=True):
-            kernels.diffuse(P, w, A, b, d - 1, drift)
+            kernels.diffuse(P, A, b, d - 1, drift)
             type(self).update(
                 P, w, A, b, self.xp.asarray(row[None]), self.xp.asarray([target]), gamma
             )

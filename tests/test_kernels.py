@@ -160,3 +160,22 @@ def test_a_table_with_drift_applies_it_on_the_rounds_path():
         table.update(row, f[j : j + 1], t[j : j + 1], float(j))
     want, _ = drifting_solution(lam, 1.0, drift, f, t, np.zeros(d))
     assert relative_error(table.w[0], want) < 1e-8
+
+
+def test_the_walk_leaves_the_same_statistics_bits_whether_states_are_refit_or_not():
+    """A state rebuilt from a checkpoint (a refit) must continue to the live state's ``A, b``."""
+    rng = np.random.default_rng(6)
+    d, n = 4, 60
+    f, t = rng.normal(size=(n, d)), rng.normal(size=n)
+    rules = {"walk": 0.05, "walk_coordinate": d - 1, "forgetting": 0.97}
+    tables = [
+        RidgeTable(d, regularization=2.0, backend=CPU, refactor_interval=interval, **rules)
+        for interval in (3, 10**9)
+    ]
+    for table in tables:
+        row = table.ensure(["u"])
+        for j in range(n):
+            table.update(row, f[j : j + 1], t[j : j + 1], float(j))
+    refit, recursed = tables
+    np.testing.assert_array_equal(refit.A[0], recursed.A[0])
+    np.testing.assert_array_equal(refit.b[0], recursed.b[0])

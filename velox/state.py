@@ -154,8 +154,8 @@ class RidgeTable:
     def update(self, rows: np.ndarray, f: Any, t: Any, when: float) -> Any:
         """Apply one observation to each of the distinct ``rows``; predictions before it."""
         if self.walk > 0.0:
-            P, w, A, b = self.P[rows], self.w[rows], self.A[rows], self.b[rows]
-            kernels.diffuse(P, w, A, b, self.walk_coordinate, self.walk)
+            P, A, b = self.P[rows], self.A[rows], self.b[rows]
+            kernels.diffuse(P, A, b, self.walk_coordinate, self.walk)
             self.P[rows], self.A[rows], self.b[rows] = P, A, b
         pred = kernels.rank_one_update(
             self.P, self.w, self.A, self.b, f, t, self.forgetting, rows=rows

@@ -84,26 +84,24 @@ def _update_rows(P, w, A, b, f, t, gamma, rows, todo, pred, drifted):  # pragma:
 
 
 @numba.njit(cache=True, boundscheck=False)
-def diffuse(P, w, A, b, c, q, f, u, quad, column):  # pragma: no cover - compiled
+def diffuse(P, A, b, c, q, f, u, quad, column):  # pragma: no cover - compiled
     """Coordinate ``c`` of one state takes a random-walk step of variance ``q``.
 
-    ``P <- P + q e_c e_c^T``, and ``A``, ``b`` follow (Sherman–Morrison) so that
-    ``A = P^-1`` and ``w = A^-1 b`` still hold; ``w`` does not move. ``u = P f``
+    The recursion of :func:`velox.kernels.array_api.diffuse`: ``P`` grows by
+    ``q`` at ``(c, c)``; ``A`` and ``b`` follow from ``A`` and ``b`` alone, so
+    they come out the same bits whether ``P, w`` were refit or not. ``u = P f``
     and ``quad = f^T P f``, computed before, are brought up to date; the new
     ``quad`` is returned. ``column`` is scratch space of length ``d``.
     """
-    d = w.shape[0]
-    a_cc = A[c, c]
-    scale = q / (1.0 + q * a_cc)
-    aw = 0.0
-    for m in range(d):
-        aw += A[c, m] * w[m]
+    d = b.shape[0]
+    scale = q / (1.0 + q * A[c, c])
+    bc = b[c]
     for m in range(d):
         column[m] = A[c, m]
     for i in range(d):  # scale * (a_i a_m): the same bits at (i, m) and (m, i), A stays symmetric
         for m in range(d):
             A[i, m] -= scale * (column[i] * column[m])
-        b[i] -= scale * column[i] * aw
+        b[i] -= scale * column[i] * bc
     P[c, c] += q
     u[c] += q * f[c]
     return quad + q * f[c] * f[c]
@@ -174,7 +172,7 @@ def in_order(  # the compiled loop takes its arrays flat  # pragma: no cover
         linear = 0.0
         if user:
             if Uwalk > 0.0:  # (fold-ins take no walk)
-                quad_u = diffuse(UP[r], Uw[r], UA[r], Ub[r], Ucoordinate, Uwalk, f, u, quad_u, g)
+                quad_u = diffuse(UP[r], UA[r], Ub[r], Ucoordinate, Uwalk, f, u, quad_u, g)
             cast[0] = t
             linear = apply_gain(UP[r], Uw[r], UA[r], Ub[r], f, cast[0], Ugamma, u, quad_u)
             Ucount[r] += 1
