@@ -65,7 +65,8 @@ def _solver(side: str, shared, device: str, statistics: bool) -> Callable[[pa.Ta
         rows = table.column(row).to_numpy()
         cols = table.column(col).to_numpy()
         ids, local = np.unique(rows, return_inverse=True)
-        weights = table.column("weight").to_numpy()
+        # age weights are the user half-step's alone (velox.als)
+        weights = table.column("weight").to_numpy() if side == "users" else np.ones(rows.size)
         targets = table.column("rating").to_numpy() - offsets[cols]
         index = RowIndex.build(local, cols, ids.size)
         backend = get_backend(device)
@@ -119,10 +120,10 @@ class SparkExecutor:
         frame = frame.groupBy("ublock").applyInArrow(_weigher(forgetting), schema)
         self._frame = frame.cache()
         users = self._per_row("uidx", self.user_ids.size, F.count("*"), F.sum("weighted"))
-        items = self._per_row("iidx", self.item_ids.size)
+        items = self._per_row("iidx", self.item_ids.size, F.count("*"))
         return Totals(
             user_weight=users[0],
-            item_weight=items[0],
+            item_weight=items[1],
             user_count=users[1].astype(np.int64),
             weighted_sum=float(np.sum(users[2])),
         )

@@ -74,7 +74,10 @@ def _single(candidate):
         ranks=(p.rank,),
         regularization=((p.regularization_exponent, p.user_regularization),),
         bias_pseudo_counts=(m.bias_regularization,),
+        bias_count_weights=(m.bias_count_weight,),
         forgetting=(m.forgetting,),
+        bias_drift=(m.bias_drift,),
+        train_forgetting=(p.forgetting,),
     )
 
 

@@ -68,6 +68,7 @@ def velox_rmse(train: pa.Table, test: pa.Table, rank: int, strength: float) -> f
         item_regularization=1.0 * strength,
         regularization_exponent=0.5,
         iterations=ITERATIONS,
+        forgetting=1.0,  # unweighted, as MLlib (the shipped age weights are for streams)
     )
     trained = train_als(Ratings.from_table(train), params)
     predicted = trained.predict(test.column("user").to_pylist(), test.column("item").to_pylist())

@@ -170,6 +170,7 @@ class ModelRegistry:
             item_ids=items.column("item").to_numpy().astype(str),
             item_factors=_matrix(items.column("factors"), version.rank),
             item_bias=items.column("bias").to_numpy(),
+            item_count=items.column("count").to_numpy(),
             global_mean=version.global_mean,
             train_count=version.train_count,
             train_rmse=version.metrics.get("train_rmse"),
@@ -242,6 +243,7 @@ class ModelRegistry:
             [
                 pa.array(np.asarray(trained.item_ids, dtype=str)),
                 pa.array(np.asarray(trained.item_bias, dtype=np.float64)),
+                pa.array(_item_counts(trained)),
                 _vectors(trained.item_factors, trained.rank),
             ],
             schema=_items_schema(trained.rank),
@@ -571,9 +573,18 @@ def _items_schema(rank: int) -> pa.Schema:
         [
             pa.field("item", pa.string(), nullable=False),
             pa.field("bias", pa.float64(), nullable=False),
+            pa.field("count", pa.float64(), nullable=False),
             pa.field("factors", pa.list_(pa.float64(), rank), nullable=False),
         ]
     )
+
+
+def _item_counts(trained: TrainedModel) -> np.ndarray:
+    """The items' training rating counts; zeros for a model that did not record them
+    (its trained biases then weigh only ``model.bias_regularization``)."""
+    if trained.item_count is None:
+        return np.zeros(len(trained.item_ids))
+    return np.asarray(trained.item_count, dtype=np.float64)
 
 
 @cache

@@ -9,11 +9,16 @@ from velox.features import MatrixFactorization
 from velox.model import Applied, OnlineModel
 
 
+def training_counts(items: int) -> np.ndarray:
+    """The training rating counts :func:`small_model` gives its items (0 to 6)."""
+    return np.arange(items) % 7.0
+
+
 def small_model(rank: int = 3, items: int = 20, version: str = "v7", **config) -> OnlineModel:
     """A model over random features of ``items`` items ``i0``, ``i1``, ... (seeded).
 
-    Without forgetting unless ``config`` asks for it, so a user's state is the
-    plain ridge solution the tests compare with.
+    Without forgetting or drift unless ``config`` asks for them, so a user's
+    state is the plain ridge solution the tests compare with.
     """
     rng = np.random.default_rng(0)
     ids = [f"i{j}" for j in range(items)]
@@ -23,7 +28,8 @@ def small_model(rank: int = 3, items: int = 20, version: str = "v7", **config) -
         global_mean=3.5,
         item_bias=rng.normal(0, 0.3, items),
         train_count=1000,
-        config=ModelConfig(**{"forgetting": 1.0, **config}),
+        item_count=training_counts(items),
+        config=ModelConfig(**{"forgetting": 1.0, "bias_drift": 0.0, **config}),
     )
 
 
@@ -57,7 +63,9 @@ class RidgeReference:
     ``A = lambda I``, ``b = lambda w0`` with ``w0`` the trained users' mean
     weights. :meth:`observe` applies one observation as section 3 and
     :mod:`velox.biases` state it: ``A <- gamma A + f f^T``,
-    ``b <- gamma b + t f`` with the forgetting factor ``gamma``.
+    ``b <- gamma b + t f`` with the forgetting factor ``gamma``, after the
+    bias coordinate's random walk (``model.bias_drift``); an item's trained
+    bias weighs ``bias_regularization + bias_count_weight * count``.
 
     >>> from types import SimpleNamespace
     >>> trained = SimpleNamespace(
@@ -70,7 +78,7 @@ class RidgeReference:
 
     def __init__(self, trained, config: ModelConfig) -> None:
         self.lam, self.bias_lam = config.regularization, config.bias_regularization
-        self.forgetting = config.forgetting
+        self.forgetting, self.walk = config.forgetting, config.bias_drift
         self.d = trained.item_factors.shape[1] + 1
         self.factors = {
             str(i): np.append(v, 1.0)
@@ -78,6 +86,12 @@ class RidgeReference:
         }
         self.trained_bias = {
             str(i): b for i, b in zip(trained.item_ids, trained.item_bias, strict=True)
+        }
+        counts = getattr(trained, "item_count", None)
+        counts = np.zeros(len(trained.item_ids)) if counts is None else np.asarray(counts)
+        self.bias_weight = {
+            str(i): self.bias_lam + config.bias_count_weight * n
+            for i, n in zip(trained.item_ids, counts, strict=True)
         }
         self.bias_sum: dict[str, float] = {}
         self.bias_count: dict[str, int] = {}
@@ -110,7 +124,8 @@ class RidgeReference:
     def bias(self, item: str) -> float:
         prior = self.trained_bias.get(item, 0.0)
         total, n = self.bias_sum.get(item, 0.0), self.bias_count.get(item, 0)
-        return (self.bias_lam * prior + total) / (self.bias_lam + n) if n else prior
+        weight = self.bias_weight.get(item, self.bias_lam)
+        return (weight * prior + total) / (weight + n) if n else prior
 
     def state(self, user: str) -> tuple[np.ndarray, np.ndarray, int]:
         """``(A_u, b_u, observations)``; the prior's for a user never seen."""
@@ -129,7 +144,13 @@ class RidgeReference:
     def learn(
         self, A: np.ndarray, b: np.ndarray, f: np.ndarray, target: float
     ) -> tuple[np.ndarray, np.ndarray]:
-        """One observation's rank-one update of a user's ``(A, b)``."""
+        """One observation's update of a user's ``(A, b)``: the bias coordinate's random
+        walk (by explicit inverses), then the rank-one update."""
+        if self.walk:
+            w, step = np.linalg.solve(A, b), np.zeros((self.d, self.d))
+            step[-1, -1] = self.walk
+            A = np.linalg.inv(np.linalg.inv(A) + step)
+            b = A @ w
         return self.forgetting * A + np.outer(f, f), self.forgetting * b + target * f
 
     def observe(self, user: str, item: str, rating: float) -> float:

@@ -48,6 +48,23 @@ def batch_solution(lam: float, gamma: float, f: np.ndarray, t: np.ndarray, w0: n
     return np.linalg.solve(A, b), A
 
 
+def drifting_solution(
+    lam: float, gamma: float, drift: float, f: np.ndarray, t: np.ndarray, w0: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """A state whose last coordinate takes a random walk of variance ``drift`` before each
+    observation, by explicit inverses: ``A <- (A^-1 + drift e e^T)^-1``, ``b <- A w``,
+    then ``A <- gamma A + f f^T``, ``b <- gamma b + t f``. The reference for ``diffuse``."""
+    d = f.shape[1]
+    A, b = lam * np.eye(d), lam * w0
+    step = np.zeros((d, d))
+    step[-1, -1] = drift
+    for row, target in zip(f, t, strict=True):
+        w = np.linalg.solve(A, b)
+        A = np.linalg.inv(np.linalg.inv(A) + step)
+        A, b = gamma * A + np.outer(row, row), gamma * (A @ w) + target * row
+    return np.linalg.solve(A, b), A
+
+
 def relative_error(got: np.ndarray, want: np.ndarray) -> float:
     return float(np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-6))
 
@@ -92,6 +109,24 @@ class KernelChecks:
         _, w, _, _ = self.run_stream(lam, gamma, f, t, w0)
         want, _ = batch_solution(lam, gamma, f, t, w0)
         assert relative_error(self.to_np(w)[0], want) < 1e-8
+
+    @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=SUPPRESSED)
+    @given(streams(forgetting=True), st.floats(0.001, 0.5))
+    def test_a_drifting_coordinate_equals_the_explicit_random_walk(self, case, drift):
+        d, lam, gamma, f, t, w0 = case
+        P, w, A, b = self.prior_states(1, d, lam, w0)
+        for row, target in zip(f, t, strict=True):
+            kernels.diffuse(P, A, b, d - 1, drift)
+            type(self).update(
+                P, w, A, b, self.xp.asarray(row[None]), self.xp.asarray([target]), gamma
+            )
+        want, A_want = drifting_solution(lam, gamma, drift, f, t, w0)
+        assert relative_error(self.to_np(w)[0], want) < 1e-8
+        np.testing.assert_allclose(self.to_np(A)[0], A_want, rtol=1e-9, atol=1e-9)
+        np.testing.assert_array_equal(self.to_np(A)[0], self.to_np(A)[0].T)
+        np.testing.assert_allclose(
+            self.to_np(P)[0] @ self.to_np(A)[0], np.eye(d), rtol=1e-8, atol=1e-8
+        )
 
     @pytest.mark.parametrize("gamma", [1.0, 0.97])
     def test_batch_of_users_equals_single_updates(self, gamma):

@@ -61,6 +61,8 @@ def test_demo_shows_online_beating_the_frozen_model():
         "train.rank=8",
         "--set",
         "train.iterations=5",
+        "--set",
+        "model.forgetting=0.98",
         "demo",
         "--users",
         "400",

@@ -171,8 +171,11 @@ def test_the_per_user_protocol_on_movielens(ml100k):
         load_movielens(ml100k), ALSParams(rank=10, iterations=10), ModelConfig()
     )
     assert figures["held_out"] > 50_000
-    assert figures["retrained_rmse"] < figures["online_rmse"] < figures["offline_rmse"]
-    assert 0.3 < figures["recovered"] < 1.0
+    assert figures["retrained_rmse"] < figures["offline_rmse"]
+    assert figures["online_rmse"] < figures["offline_rmse"]
+    # Not bounded by 1: the online model's bias walk follows a user's recent level, which a
+    # retrain on the same ratings weighs like the oldest, so online may beat the retrain.
+    assert figures["recovered"] > 0.3
 
 
 def test_a_running_server_scores_the_stream_as_the_in_process_online_policy(tmp_path):
@@ -224,11 +227,18 @@ def test_a_running_server_scores_the_stream_as_the_in_process_online_policy(tmp_
 def test_tune_picks_the_best_grid_point_on_the_training_part_alone(table):
     from velox.evaluation.tune import Grid, score_grid, tune
 
-    grid = Grid(ranks=(2, 4), regularization=((0.0, 5.0), (0.5, 1.0)), forgetting=(1.0, 0.98))
+    grid = Grid(
+        ranks=(2, 4),
+        regularization=((0.0, 5.0), (0.5, 1.0)),
+        bias_count_weights=(1.0,),
+        forgetting=(1.0, 0.98),
+        bias_drift=(0.0, 0.01),
+        train_forgetting=(1.0,),
+    )
     train, stream = temporal(table, 0.5)
     params, model = ALSParams(iterations=3), ModelConfig()
     ranked = tune(train, params, model, grid)
-    assert len(ranked) == 2 * 2 * 3 * 2
+    assert len(ranked) == 2 * 2 * 3 * 2 * 2
     assert [c.rmse for c in ranked] == sorted(c.rmse for c in ranked)
     past, recent = temporal(train, 0.8)
     again = score_grid(past, recent, params, model, grid)

@@ -12,6 +12,7 @@ from tests.kernel_checks import (
     SUPPRESSED,
     KernelChecks,
     batch_solution,
+    drifting_solution,
     relative_error,
     streams,
 )
@@ -101,20 +102,16 @@ def test_the_compiled_ridge_solve_refuses_a_matrix_that_is_not_positive_definite
     np.testing.assert_allclose(kernels.ridge_solve(2 * np.eye(3)[None], np.ones((1, 3))), 0.5)
 
 
-@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=SUPPRESSED)
-@given(streams(forgetting=True), st.integers(1, 7))
-def test_the_in_order_loop_equals_the_weighted_batch_ridge_of_one_state(case, interval):
-    """Every observation of a burst into one state, refits every ``interval`` updates included.
-
-    On replay (recorded targets) the loop's user update is the recursion alone.
-    """
+def _one_state_through_the_loop(case, interval: int, walk: float = 0.0) -> stream.Ridge:
+    """Replay a stream of recorded targets into one user state through the in-order loop."""
     d, lam, gamma, f, t, w0 = case
     n = t.size
     P, w, A, b = TestPublicUpdateOnNumPy().prior_states(1, d, lam, w0)
-    users = stream.Ridge(P, w, A, b, np.zeros(1, np.int64), np.zeros(1), gamma, interval)
+    users = stream.Ridge(P, w, A, b, np.zeros(1, np.int64), np.zeros(1), gamma, interval,
+                         walk, d - 1)  # fmt: skip
     empty = np.zeros((1, 0, 0)), np.zeros((1, 0)), np.zeros((1, 0, 0)), np.zeros((1, 0))
     folds = stream.Ridge(*empty, np.zeros(1, np.int64), np.zeros(1), 1.0, 1000)
-    biases = stream.Biases(np.array([0.0, 1.0]), *np.zeros((3, 1)), 1.0)
+    biases = stream.Biases(np.array([0.0, 1.0]), *np.zeros((4, 1)))
     rows = stream.Rows(np.zeros(n, np.int64), np.arange(n), np.full(n, -1), np.zeros(n, np.int64))
     coordinates = np.zeros(0, np.int64), np.arange(d)
     recorded = stream.Effects(np.zeros(n), t, np.zeros(n), np.zeros((n, d)), np.zeros((n, 0)),
@@ -122,7 +119,63 @@ def test_the_in_order_loop_equals_the_weighted_batch_ridge_of_one_state(case, in
     features = (np.ascontiguousarray(f), np.zeros(d), *coordinates)
     stream.apply_stream(users, folds, biases, rows, features, t, np.arange(n, dtype=float),
                         recorded, replay=True)  # fmt: skip
+    return users
+
+
+@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=SUPPRESSED)
+@given(streams(forgetting=True), st.integers(1, 7))
+def test_the_in_order_loop_equals_the_weighted_batch_ridge_of_one_state(case, interval):
+    """Every observation of a burst into one state, refits every ``interval`` updates included.
+
+    On replay (recorded targets) the loop's user update is the recursion alone.
+    """
+    _, lam, gamma, f, t, w0 = case
+    users = _one_state_through_the_loop(case, interval)
     want, A_want = batch_solution(lam, gamma, f, t, w0)
-    assert relative_error(w[0], want) < 1e-8
-    np.testing.assert_allclose(A[0], A_want, rtol=1e-12, atol=1e-12)
-    assert users.count[0] == n
+    assert relative_error(users.w[0], want) < 1e-8
+    np.testing.assert_allclose(users.A[0], A_want, rtol=1e-12, atol=1e-12)
+    assert users.count[0] == t.size
+
+
+@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=SUPPRESSED)
+@given(streams(forgetting=True), st.floats(0.001, 0.5), st.integers(1, 7))
+def test_the_in_order_loop_takes_the_drift_step_before_each_update(case, drift, interval):
+    """The compiled loop's drift (and its refits from ``A``, ``b``) equals the explicit walk."""
+    _, lam, gamma, f, t, w0 = case
+    users = _one_state_through_the_loop(case, interval, drift)
+    want, A_want = drifting_solution(lam, gamma, drift, f, t, w0)
+    assert relative_error(users.w[0], want) < 1e-8
+    np.testing.assert_allclose(users.A[0], A_want, rtol=1e-9, atol=1e-9)
+    np.testing.assert_array_equal(users.A[0], users.A[0].T)  # checkpoints store the upper half
+
+
+def test_a_table_with_drift_applies_it_on_the_rounds_path():
+    """:meth:`RidgeTable.update` (the GPU's rounds) takes the same drift step as the loop."""
+    rng = np.random.default_rng(4)
+    d, n, lam, drift = 4, 40, 2.0, 0.05
+    table = RidgeTable(d, regularization=lam, backend=CPU, walk=drift, walk_coordinate=d - 1)
+    row = table.ensure(["u"])
+    f, t = rng.normal(size=(n, d)), rng.normal(size=n)
+    for j in range(n):
+        table.update(row, f[j : j + 1], t[j : j + 1], float(j))
+    want, _ = drifting_solution(lam, 1.0, drift, f, t, np.zeros(d))
+    assert relative_error(table.w[0], want) < 1e-8
+
+
+def test_the_walk_leaves_the_same_statistics_bits_whether_states_are_refit_or_not():
+    """A state rebuilt from a checkpoint (a refit) must continue to the live state's ``A, b``."""
+    rng = np.random.default_rng(6)
+    d, n = 4, 60
+    f, t = rng.normal(size=(n, d)), rng.normal(size=n)
+    rules = {"walk": 0.05, "walk_coordinate": d - 1, "forgetting": 0.97}
+    tables = [
+        RidgeTable(d, regularization=2.0, backend=CPU, refactor_interval=interval, **rules)
+        for interval in (3, 10**9)
+    ]
+    for table in tables:
+        row = table.ensure(["u"])
+        for j in range(n):
+            table.update(row, f[j : j + 1], t[j : j + 1], float(j))
+    refit, recursed = tables
+    np.testing.assert_array_equal(refit.A[0], recursed.A[0])
+    np.testing.assert_array_equal(refit.b[0], recursed.b[0])

@@ -35,6 +35,7 @@ def artifacts(seed: int = 0, items: int = 6, users: int = 5, rank: int = 3) -> T
         user_gram=symmetrize(half @ np.swapaxes(half, 1, 2) + np.eye(d)),
         user_rhs=rng.normal(size=(users, d)),
         user_count=rng.integers(1, 20, size=users),
+        item_count=rng.uniform(0, 30, size=items),
     )
 
 
@@ -357,7 +358,7 @@ def flipped_items(root: Path) -> Path:
     data = bytearray(path.read_bytes())
     data[8:16] = bytes(b ^ 0xFF for b in data[8:16])
     path.write_bytes(bytes(data))
-    assert pq.read_schema(path).remove_metadata().names == ["item", "bias", "factors"]
+    assert pq.read_schema(path).remove_metadata().names == ["item", "bias", "count", "factors"]
     return path
 
 

@@ -49,10 +49,13 @@ def _config(tmp_path, *settings: str):
 
 
 def _reference_als(users, items, y, c, rank, lam_u, lam_i, iterations, init):
-    """Dense weighted biased ALS, one np.linalg.solve per row: what every mode must reproduce."""
+    """Dense biased ALS, one np.linalg.solve per row: what every mode must reproduce.
+
+    The age weights ``c`` weigh the user half-steps (and the mean); items count every rating once.
+    """
     n_users, n_items = users.max() + 1, items.max() + 1
     mu, V, bias = np.sum(c * y) / np.sum(c), init.copy(), np.zeros(n_items)
-    n_u, n_i = np.bincount(users, c), np.bincount(items, c)
+    n_u, n_i = np.bincount(users, c), np.bincount(items)
     for iteration in range(iterations + 1):
         F = np.hstack([V, np.ones((n_items, 1))])
         W = np.empty((n_users, rank + 1))
@@ -66,9 +69,9 @@ def _reference_als(users, items, y, c, rank, lam_u, lam_i, iterations, init):
         G = np.hstack([W[:, :rank], np.ones((n_users, 1))])
         for i in range(n_items):
             mine = items == i
-            Gi, ci = G[users[mine]], c[mine]
-            A = (Gi * ci[:, None]).T @ Gi + lam_i * np.sqrt(max(n_i[i], 1)) * np.eye(rank + 1)
-            solution = np.linalg.solve(A, Gi.T @ (ci * (y[mine] - mu - W[users[mine], rank])))
+            Gi = G[users[mine]]
+            A = Gi.T @ Gi + lam_i * np.sqrt(max(n_i[i], 1)) * np.eye(rank + 1)
+            solution = np.linalg.solve(A, Gi.T @ (y[mine] - mu - W[users[mine], rank]))
             V[i], bias[i] = solution[:rank], solution[rank]
 
 

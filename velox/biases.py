@@ -6,10 +6,16 @@ largest single gain a prototype measured on MovieLens streams.
 
 * ``mu = (c0 * mu0 + sum y) / (c0 + n)``: the trained mean with the training
   count ``c0`` as its pseudo-count.
-* ``b_i = (lambda_b * b0_i + sum r) / (lambda_b + n_i)`` with
+* ``b_i = (lambda_i * b0_i + sum r) / (lambda_i + n_i)`` with
   ``r = y - mu - w_u . f(i)``, the part of the rating that neither the global
   mean nor the user's model explains, measured before the user's update.
   ``b0_i`` is the trained bias (0 for items the model does not know).
+* ``lambda_i = lambda_b + c * m_i``: the pseudo-count ``lambda_b`` plus ``c``
+  per training rating of the item (``m_i``, ``model.bias_count_weight`` is
+  ``c``). A trained bias estimated from 300 ratings is worth more than one
+  from 3: with a flat pseudo-count, a small one let a few online ratings
+  overrule a well-measured bias (after every retrain, too), and a large one
+  kept the biases of rarely trained items from moving.
 """
 
 from __future__ import annotations
@@ -25,6 +31,9 @@ from velox.kernels.stream import Biases
 class OnlineBiases:
     """The global mean and one bias per item, updated on every observation.
 
+    ``item_count`` holds the known items' training rating counts; each weighs
+    ``count_weight`` pseudo-observations behind its trained bias.
+
     >>> biases = OnlineBiases(3.0, 10, ["a"], np.array([0.5]), regularization=1.0)
     >>> biases.update(biases.ensure(["a", "new"]), np.array([4.0, 2.0]), np.array([0.0, -1.0]))
     >>> round(biases.mean, 4), biases.bias(biases.ensure(["a", "new"])).round(4).tolist()
@@ -39,6 +48,8 @@ class OnlineBiases:
         item_bias: np.ndarray,
         *,
         regularization: float,
+        item_count: np.ndarray | None = None,
+        count_weight: float = 0.0,
     ) -> None:
         # [sum of ratings, count], an array so the compiled batch loop can update it in place
         self._totals = np.array([float(global_mean) * float(mean_count), float(mean_count)])
@@ -47,6 +58,9 @@ class OnlineBiases:
         size = max(len(item_ids), 16)
         self._prior = np.zeros(size)
         self._prior[: len(item_ids)] = item_bias
+        self._weight = np.full(size, float(regularization))
+        if item_count is not None:
+            self._weight[: len(item_ids)] += count_weight * np.asarray(item_count, dtype=float)
         self._sum = np.zeros(size)
         self._count = np.zeros(size)
 
@@ -63,7 +77,7 @@ class OnlineBiases:
 
         Valid until the next :meth:`ensure` that adds an item (the arrays may grow).
         """
-        return Biases(self._totals, self._prior, self._sum, self._count, self.regularization)
+        return Biases(self._totals, self._prior, self._weight, self._sum, self._count)
 
     def ensure(self, items: Sequence[str]) -> np.ndarray:
         """Rows of ``items``, adding unseen ones with a zero prior bias."""
@@ -78,6 +92,8 @@ class OnlineBiases:
                         np.concatenate([a, np.zeros(a.size)])
                         for a in (self._prior, self._sum, self._count)
                     )
+                    fill = np.full(self._weight.size, float(self.regularization))
+                    self._weight = np.concatenate([self._weight, fill])
             rows[position] = row
         return rows
 
@@ -92,7 +108,7 @@ class OnlineBiases:
         seen = rows >= 0
         out = np.zeros(rows.shape)
         r = rows[seen]
-        lam = self.regularization
+        lam = self._weight[r]
         out[seen] = (lam * self._prior[r] + self._sum[r]) / np.maximum(lam + self._count[r], 1e-12)
         return out
 

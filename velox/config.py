@@ -83,7 +83,7 @@ class ModelConfig:
     """
 
     regularization: float = setting(
-        10.0,
+        5.0,
         "Ridge lambda of a new user's prior (A_u starts at lambda * I); keep it at "
         "train.user_regularization, the prior a trained user had.",
         low=0.0,
@@ -95,17 +95,29 @@ class ModelConfig:
         choices=("mean", "zero"),
     )
     forgetting: float = setting(
-        0.98,
+        1.0,
         "Forgetting factor gamma in (0, 1]; 1 keeps every observation.",
         low=0.0,
         high=1.0,
         low_open=True,
     )
+    bias_drift: float = setting(
+        0.003,
+        "Variance of the random walk a user's bias takes before each of the user's "
+        "observations (0: none).",
+        low=0.0,
+    )
     dtype: str = setting(
         "float64", "Floating type of user states and features.", choices=("float64", "float32")
     )
     bias_regularization: float = setting(
-        25.0, "Pseudo-count pulling an item's online bias to its trained value.", low=0.0
+        10.0, "Pseudo-count pulling an item's online bias to its trained value.", low=0.0
+    )
+    bias_count_weight: float = setting(
+        1.0,
+        "Pseudo-observations per training rating of an item behind its trained bias "
+        "(added to bias_regularization).",
+        low=0.0,
     )
     mean_regularization: float = setting(
         100.0,
@@ -189,16 +201,16 @@ class TrainConfig:
         0, "Blocks per half-step in distributed mode (0: Spark's parallelism).", low=0
     )
     rank: int = setting(
-        3, "Latent factors per item; the served features are [factors, 1].", low=1, high=1024
+        5, "Latent factors per item; the served features are [factors, 1].", low=1, high=1024
     )
     user_regularization: float = setting(
-        10.0,
+        5.0,
         "User ridge strength lambda; scaled by n^regularization_exponent (n: user's ratings).",
         low=0.0,
         low_open=True,
     )
     item_regularization: float = setting(
-        10.0,
+        5.0,
         "Item ridge strength; scaled by n^regularization_exponent. MLlib's regParam.",
         low=0.0,
         low_open=True,
@@ -211,7 +223,7 @@ class TrainConfig:
     )
     iterations: int = setting(15, "ALS iterations (each a user and an item half-step).", low=1)
     forgetting: float = setting(
-        1.0,
+        0.99,
         "Weight gamma^k for a rating followed by k later ratings of its user (1: no ageing).",
         low=0.0,
         high=1.0,

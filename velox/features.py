@@ -49,6 +49,11 @@ class FeatureModel(ABC):
     def foldin_coords(self) -> np.ndarray:
         """Indices of the coordinates the online fold-in may learn for unknown items."""
 
+    @property
+    @abstractmethod
+    def bias_coordinate(self) -> int:
+        """Index of the constant coordinate, whose user weight is the user's bias."""
+
     def lookup(self, items: Sequence[str]) -> np.ndarray:
         """Row of each item in :meth:`matrix`, or -1 for items the model does not know."""
         index = self._index
@@ -143,3 +148,7 @@ class MatrixFactorization(FeatureModel):
     @property
     def foldin_coords(self) -> np.ndarray:
         return np.arange(self.rank)
+
+    @property
+    def bias_coordinate(self) -> int:
+        return self.rank

@@ -8,7 +8,9 @@ Order of one observation ``(u, i, y)``:
 
 1. the prediction ``mu + b_i + w_u . f(i)`` is recorded (prequential error);
 2. the user's ridge state is updated with target ``t = y - mu - b_i`` (the
-   values as they stand);
+   values as they stand), after the user's bias coordinate has taken its
+   random-walk step (``model.bias_drift``: a user's rating level wanders
+   within a session while tastes stay; see :func:`velox.kernels.diffuse`);
 3. ``mu`` and ``b_i`` take the observation in (see :mod:`velox.biases`);
 4. if the feature model does not know ``i``, the item's fold-in state takes
    the user's pre-update weights in, so its features improve.
@@ -212,6 +214,7 @@ class OnlineModel:
         global_mean: float,
         item_bias: np.ndarray,
         train_count: int = 0,
+        item_count: np.ndarray | None = None,
         config: ModelConfig | None = None,
         backend: Backend = CPU,
     ) -> None:
@@ -231,6 +234,8 @@ class OnlineModel:
             features.item_ids,
             item_bias,
             regularization=config.bias_regularization,
+            item_count=item_count,
+            count_weight=config.bias_count_weight,
         )
         common = {"backend": backend, "dtype": config.dtype}
         self.users = RidgeTable(
@@ -238,6 +243,8 @@ class OnlineModel:
             regularization=config.regularization,
             forgetting=config.forgetting,
             refactor_interval=config.refactor_interval,
+            walk=config.bias_drift,
+            walk_coordinate=features.bias_coordinate,
             **common,
         )
         self._free = np.asarray(features.foldin_coords, dtype=np.int64)

@@ -27,7 +27,9 @@ class RidgeTable:
 
     Every new row starts at ``A = lambda I``, ``b = lambda w0``; updates go
     through :func:`velox.kernels.rank_one_update`, and a row is re-factorised
-    from its exact statistics every ``refactor_interval`` of its updates.
+    from its exact statistics every ``refactor_interval`` of its updates. With
+    a ``walk`` variance, coordinate ``walk_coordinate`` takes a random-walk
+    step before each update (:func:`velox.kernels.diffuse`).
     """
 
     def __init__(
@@ -39,6 +41,8 @@ class RidgeTable:
         dtype: str = "float64",
         forgetting: float = 1.0,
         refactor_interval: int = 1000,
+        walk: float = 0.0,
+        walk_coordinate: int = 0,
         capacity: int = 64,
     ) -> None:
         self.dim = dim
@@ -47,6 +51,8 @@ class RidgeTable:
         self.dtype = np.dtype(dtype)
         self.forgetting = forgetting
         self.refactor_interval = refactor_interval
+        self.walk = walk
+        self.walk_coordinate = walk_coordinate
         self.prior_mean = np.zeros(dim, dtype=self.dtype)
         self._rows: dict[str, int] = {}
         self._keys: list[str] = []
@@ -141,10 +147,16 @@ class RidgeTable:
             self.updated,
             self.forgetting,
             self.refactor_interval,
+            self.walk,
+            self.walk_coordinate,
         )
 
     def update(self, rows: np.ndarray, f: Any, t: Any, when: float) -> Any:
         """Apply one observation to each of the distinct ``rows``; predictions before it."""
+        if self.walk > 0.0:
+            P, A, b = self.P[rows], self.A[rows], self.b[rows]
+            kernels.diffuse(P, A, b, self.walk_coordinate, self.walk)
+            self.P[rows], self.A[rows], self.b[rows] = P, A, b
         pred = kernels.rank_one_update(
             self.P, self.w, self.A, self.b, f, t, self.forgetting, rows=rows
         )

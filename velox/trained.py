@@ -56,6 +56,9 @@ class TrainedModel:
     train_count: int | None = None
     train_rmse: float | None = None
     """Error on the training ratings at the end of the run (the registry keeps it in metrics)."""
+    item_count: np.ndarray | None = None
+    """Each item's (age-weighted) number of training ratings: how much its trained bias
+    knows (``model.bias_count_weight``); None for artifacts that did not record it."""
 
     def __post_init__(self) -> None:
         if self.train_count is None:
@@ -110,6 +113,7 @@ class TrainedModel:
             global_mean=self.global_mean,
             item_bias=self.item_bias,
             train_count=self.train_count,
+            item_count=self.item_count,
             config=config,
             backend=backend,
         )

@@ -61,7 +61,8 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--tune",
         action="store_true",
-        help="choose rank, regularisation, bias pseudo-count and forgetting on the training part",
+        help="choose rank, regularisation, ALS age weights, bias pseudo-counts, forgetting and "
+        "the user-bias walk on the training part",
     )
     parser.add_argument(
         "--tune-check",

@@ -9,7 +9,9 @@ the online settings (bias pseudo-count, forgetting) replay over it.
 The grid (:data:`GRID`): rank 3, 5, 10; regularisation ``lambda n^e`` with
 e = 0 (lambda 2.5, 5, 10) or e = 0.5 (lambda 0.5, 1, 2), the same for users
 and items, and a new user's prior at the same lambda; bias pseudo-count 3,
-10, 25; forgetting 1, 0.99, 0.98.
+10, 25; a trained item bias worth 0 or 1 pseudo-observation per training
+rating; forgetting 1, 0.99, 0.98; a user-bias drift of 0, 0.003 or 0.01; ALS age
+weights (``train.forgetting``) 1, 0.995 or 0.99.
 """
 
 from __future__ import annotations
@@ -43,7 +45,10 @@ class Grid:
     )
     """(exponent e, lambda) pairs."""
     bias_pseudo_counts: tuple[float, ...] = (3.0, 10.0, 25.0)
+    bias_count_weights: tuple[float, ...] = (0.0, 1.0)
     forgetting: tuple[float, ...] = (1.0, 0.99, 0.98)
+    bias_drift: tuple[float, ...] = (0.0, 0.003, 0.01)
+    train_forgetting: tuple[float, ...] = (1.0, 0.995, 0.99)
 
 
 GRID = Grid()
@@ -64,9 +69,12 @@ class Candidate:
             "train.user_regularization": self.params.user_regularization,
             "train.item_regularization": self.params.item_regularization,
             "train.regularization_exponent": self.params.regularization_exponent,
+            "train.forgetting": self.params.forgetting,
             "model.regularization": self.model.regularization,
             "model.bias_regularization": self.model.bias_regularization,
+            "model.bias_count_weight": self.model.bias_count_weight,
             "model.forgetting": self.model.forgetting,
+            "model.bias_drift": self.model.bias_drift,
         }
 
 
@@ -87,18 +95,28 @@ def score_grid(
     scale = float(ratings.min()), float(ratings.max())
     truth = stream.column("rating").to_numpy()
     scored = []
-    for rank, (exponent, strength) in itertools.product(grid.ranks, grid.regularization):
+    trainings = itertools.product(grid.ranks, grid.regularization, grid.train_forgetting)
+    for rank, (exponent, strength), ageing in trainings:
         point = dataclasses.replace(
             params,
             rank=rank,
             user_regularization=strength,
             item_regularization=strength,
             regularization_exponent=exponent,
+            forgetting=ageing,
         )
         trained = train_als(Ratings.from_table(train), point)
-        for bias, forgetting in itertools.product(grid.bias_pseudo_counts, grid.forgetting):
+        settings = itertools.product(
+            grid.bias_pseudo_counts, grid.bias_count_weights, grid.forgetting, grid.bias_drift
+        )
+        for bias, count_weight, forgetting, drift in settings:
             config = dataclasses.replace(
-                model, regularization=strength, bias_regularization=bias, forgetting=forgetting
+                model,
+                regularization=strength,
+                bias_regularization=bias,
+                bias_count_weight=count_weight,
+                forgetting=forgetting,
+                bias_drift=drift,
             )
             online = trained.online_model(version="tune", config=config)
             trace = replay(online, stream, batch_size=batch_size)

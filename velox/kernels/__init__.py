@@ -22,6 +22,7 @@ from velox.kernels.array_api import (
     NotPositiveDefiniteError,
     check_update_inputs,
     cholesky,
+    diffuse,
     refit_rows,
     ridge_refit,
     scores,
@@ -33,6 +34,7 @@ from velox.kernels.cpu import single_threaded_blas
 __all__ = [
     "NotPositiveDefiniteError",
     "cholesky",
+    "diffuse",
     "normal_equations",
     "rank_one_update",
     "refit_rows",

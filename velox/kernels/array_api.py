@@ -118,6 +118,28 @@ def rank_one_update(P: Any, w: Any, A: Any, b: Any, f: Any, t: Any, gamma: float
     return pred
 
 
+def diffuse(P: Any, A: Any, b: Any, coordinate: int, variance: float) -> None:
+    """Coordinate ``c`` of each state takes a random-walk step of variance ``q``, in place.
+
+    A Kalman prediction step: the weight does not move, its uncertainty grows::
+
+        P <- P + q e_c e_c^T
+        A <- A - s a a^T                  (a = A e_c, s = q / (1 + q a_c): Sherman–Morrison)
+        b <- b - s a b_c                  (= A w with the new A, as a.w = b_c)
+
+    ``A`` and ``b`` follow from ``A`` and ``b`` alone, so a state rebuilt from
+    a checkpoint takes the same bits as the live one. The online model
+    applies it to a user's bias coordinate before each of the user's
+    observations: tastes stay, the user's rating level wanders.
+    """
+    a = A[:, :, coordinate].copy()
+    scale = variance / (1.0 + variance * a[:, coordinate])
+    bc = b[:, coordinate].copy()
+    A -= scale[:, None, None] * (a[:, :, None] * a[:, None, :])  # exactly symmetric
+    b -= (scale * bc)[:, None] * a
+    P[:, coordinate, coordinate] += variance
+
+
 def refit_rows(P: Any, w: Any, A: Any, b: Any, rows: Any) -> None:
     """Re-factorise the states at ``rows`` in place from their sufficient statistics."""
     P[rows], w[rows] = ridge_refit(A[rows], b[rows])

@@ -84,6 +84,30 @@ def _update_rows(P, w, A, b, f, t, gamma, rows, todo, pred, drifted):  # pragma:
 
 
 @numba.njit(cache=True, boundscheck=False)
+def diffuse(P, A, b, c, q, f, u, quad, column):  # pragma: no cover - compiled
+    """Coordinate ``c`` of one state takes a random-walk step of variance ``q``.
+
+    The recursion of :func:`velox.kernels.array_api.diffuse`: ``P`` grows by
+    ``q`` at ``(c, c)``; ``A`` and ``b`` follow from ``A`` and ``b`` alone, so
+    they come out the same bits whether ``P, w`` were refit or not. ``u = P f``
+    and ``quad = f^T P f``, computed before, are brought up to date; the new
+    ``quad`` is returned. ``column`` is scratch space of length ``d``.
+    """
+    d = b.shape[0]
+    scale = q / (1.0 + q * A[c, c])
+    bc = b[c]
+    for m in range(d):
+        column[m] = A[c, m]
+    for i in range(d):  # scale * (a_i a_m): the same bits at (i, m) and (m, i), A stays symmetric
+        for m in range(d):
+            A[i, m] -= scale * (column[i] * column[m])
+        b[i] -= scale * column[i] * bc
+    P[c, c] += q
+    u[c] += q * f[c]
+    return quad + q * f[c] * f[c]
+
+
+@numba.njit(cache=True, boundscheck=False)
 def _copy(source, target):  # pragma: no cover - compiled
     for m in range(source.size):
         target[m] = source[m]
@@ -91,9 +115,9 @@ def _copy(source, target):  # pragma: no cover - compiled
 
 @numba.njit(cache=True, boundscheck=False)
 def in_order(  # the compiled loop takes its arrays flat  # pragma: no cover
-    UP, Uw, UA, Ub, Ucount, Uupdated, Ugamma, Uinterval,
-    IP, Iw, IA, Ib, Icount, Iupdated, Igamma, Iinterval,
-    totals, prior, sums, counts, bias_reg,
+    UP, Uw, UA, Ub, Ucount, Uupdated, Ugamma, Uinterval, Uwalk, Ucoordinate,
+    IP, Iw, IA, Ib, Icount, Iupdated, Igamma, Iinterval, Iwalk, Icoordinate,
+    totals, prior, weight, sums, counts,
     user_rows, feature_rows, fold_rows, bias_rows,
     F, base, free, fixed, y, when, skip_user, replay,
     predictions, targets, residuals, cold_features, foldin_inputs, foldin_targets,
@@ -108,6 +132,7 @@ def in_order(  # the compiled loop takes its arrays flat  # pragma: no cover
     x = np.empty(k, dtype=UP.dtype)
     u = np.empty(d, dtype=UP.dtype)
     v = np.empty(k, dtype=UP.dtype)
+    g = np.empty(d, dtype=UP.dtype)
     cast = np.empty(2, dtype=UP.dtype)  # targets in the states' dtype, as the kernels take them
     for j in range(start, y.size):
         r, c, q = user_rows[j], fold_rows[j], bias_rows[j]
@@ -120,7 +145,7 @@ def in_order(  # the compiled loop takes its arrays flat  # pragma: no cover
             for m in range(k):
                 f[free[m]] = Iw[c, m]
         mu = totals[0] / totals[1]
-        bias = (bias_reg * prior[q] + sums[q]) / max(bias_reg + counts[q], 1e-12)
+        bias = (weight[q] * prior[q] + sums[q]) / max(weight[q] + counts[q], 1e-12)
         t = targets[j] if replay else y[j] - mu - bias
         user = not skip_user[j]
         quad_u = project(UP[r], f, u) if user else 0.0
@@ -146,6 +171,8 @@ def in_order(  # the compiled loop takes its arrays flat  # pragma: no cover
                 return j, r if drift_u else -1, c if drift_i else -1
         linear = 0.0
         if user:
+            if Uwalk > 0.0:  # (fold-ins take no walk)
+                quad_u = diffuse(UP[r], UA[r], Ub[r], Ucoordinate, Uwalk, f, u, quad_u, g)
             cast[0] = t
             linear = apply_gain(UP[r], Uw[r], UA[r], Ub[r], f, cast[0], Ugamma, u, quad_u)
             Ucount[r] += 1

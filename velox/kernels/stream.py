@@ -12,7 +12,10 @@ observation sees the state the previous one left:
 2. the prediction ``mu + b_i + w_u . f(i)`` and the user's target
    ``t = y - mu - b_i``;
 3. the user's rank-one update (:func:`velox.kernels.cpu.apply_gain`, the
-   recursion of :func:`velox.kernels.array_api.rank_one_update`);
+   recursion of :func:`velox.kernels.array_api.rank_one_update`), after the
+   user's bias coordinate has taken its random-walk step when the table has
+   one (:func:`velox.kernels.cpu.diffuse`, the step of
+   :func:`velox.kernels.array_api.diffuse`);
 4. ``mu`` takes ``y`` in and ``b_i`` the residual ``y - mu - w_u . f(i)``
    (the formulas of :mod:`velox.biases`);
 5. an unknown item's fold-in state takes the user's pre-update weights in.
@@ -51,6 +54,9 @@ class Ridge(NamedTuple):
     updated: np.ndarray
     forgetting: float
     refactor_interval: int
+    walk: float = 0.0
+    """Variance of the random walk ``walk_coordinate`` takes before each update (0: none)."""
+    walk_coordinate: int = 0
 
 
 class Biases(NamedTuple):
@@ -59,9 +65,10 @@ class Biases(NamedTuple):
     totals: np.ndarray
     """``[sum of ratings, count]`` of the global mean, its prior included."""
     prior: np.ndarray
+    weight: np.ndarray
+    """Per item, the pseudo-count of its prior bias."""
     sums: np.ndarray
     counts: np.ndarray
-    regularization: float
 
 
 class Rows(NamedTuple):
@@ -144,7 +151,7 @@ def warm_up(dtype: Any = "float64") -> None:
     apply_stream(
         table(2),
         table(1),
-        Biases(np.array([3.0, 1.0]), np.zeros(1), np.zeros(1), np.zeros(1), 1.0),
+        Biases(np.array([3.0, 1.0]), np.zeros(1), np.ones(1), np.zeros(1), np.zeros(1)),
         Rows(row, row, row - 1, row),
         (np.ones((1, 2), dtype=dtype), np.ones(2, dtype=dtype), row.copy(), row + 1),
         np.ones(1),
