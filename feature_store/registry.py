@@ -170,7 +170,7 @@ class ModelRegistry:
             item_ids=items.column("item").to_numpy().astype(str),
             item_factors=_matrix(items.column("factors"), version.rank),
             item_bias=items.column("bias").to_numpy(),
-            item_count=items.column("count").to_numpy(),
+            item_count=items.column("count").to_numpy() if "count" in items.column_names else None,
             global_mean=version.global_mean,
             train_count=version.train_count,
             train_rmse=version.metrics.get("train_rmse"),
@@ -500,7 +500,7 @@ class ModelRegistry:
             raise DataError(f"{version.name} has no artifacts; write them before using it")
         folder = self._folder(version.number)
         return [
-            (folder / _ITEMS, _items_schema(version.rank)),
+            (folder / _ITEMS, _items_schema(version.rank, counted=_counted(folder / _ITEMS))),
             (folder / _USERS, _users_schema(version.rank + 1)),
         ]
 
@@ -568,15 +568,26 @@ def _floats(values: Mapping[str, float] | None) -> dict[str, float]:
 
 
 @cache
-def _items_schema(rank: int) -> pa.Schema:
+def _items_schema(rank: int, *, counted: bool = True) -> pa.Schema:
+    """The items artifact; ``counted=False`` is the layout before training counts were kept
+    (such a version still loads: its item biases weigh their pseudo-count alone)."""
+    counts = [pa.field("count", pa.float64(), nullable=False)] if counted else []
     return pa.schema(
         [
             pa.field("item", pa.string(), nullable=False),
             pa.field("bias", pa.float64(), nullable=False),
-            pa.field("count", pa.float64(), nullable=False),
+            *counts,
             pa.field("factors", pa.list_(pa.float64(), rank), nullable=False),
         ]
     )
+
+
+def _counted(path: Path) -> bool:
+    """Whether an items artifact holds training counts (absent or unreadable: the checks say)."""
+    try:
+        return "count" in pq.read_schema(path).names
+    except (FileNotFoundError, pa.ArrowException, OSError):
+        return True
 
 
 def _item_counts(trained: TrainedModel) -> np.ndarray:

@@ -457,3 +457,21 @@ def test_a_version_written_before_checksums_still_loads(tmp_path):
     edit_metadata(checksums=...)(tmp_path)  # as an older Velox wrote it
     assert registry.get(number).checksums == {}
     assert_equal_artifacts(registry.load(number), artifacts(seed=2))
+
+
+def test_a_version_written_before_item_counts_were_kept_still_loads(tmp_path):
+    import hashlib
+
+    registry = ModelRegistry(tmp_path)
+    number = ready(registry)
+    folder = tmp_path / f"v{number:06d}"
+    items = folder / "items.parquet"
+    pq.write_table(pq.read_table(items).drop_columns(["count"]), items)  # the older layout
+    metadata = json.loads((folder / "metadata.json").read_text())
+    metadata["checksums"]["items.parquet"] = hashlib.sha256(items.read_bytes()).hexdigest()
+    (folder / "metadata.json").write_text(json.dumps(metadata))
+    loaded = registry.load(number)
+    assert loaded.item_count is None
+    assert_equal_artifacts(
+        dataclasses.replace(loaded, item_count=artifacts().item_count), artifacts()
+    )
