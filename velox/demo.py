@@ -3,9 +3,9 @@
 Trains biased ALS on the first half of a synthetic stream, then runs the
 second half prequentially three ways: the trained model frozen (what a batch
 trainer plus a key-value store gives), Velox's exact online updates with the
-configured forgetting factor (``model.forgetting``), and the same without
-forgetting. The windows show the frozen model decaying as
-tastes drift while the online one keeps up.
+configured settings (forgetting ``model.forgetting``, the user-bias walk
+``model.bias_drift``), and the same without the bias walk. The windows show
+the frozen model decaying as tastes drift while the online one keeps up.
 """
 
 from __future__ import annotations
@@ -40,8 +40,8 @@ def run_demo(config: VeloxConfig, spec: SyntheticSpec, emit: Callable[[str], Non
     )
     variants = {
         "frozen model": (config.model, False),
-        f"online (Velox, forgetting {config.model.forgetting:g})": (config.model, True),
-        "online, no forgetting": (dataclasses.replace(config.model, forgetting=1.0), True),
+        "online (Velox)": (config.model, True),
+        "online, no bias walk": (dataclasses.replace(config.model, bias_drift=0.0), True),
     }
     reports = {}
     for label, (model_config, learn) in variants.items():
