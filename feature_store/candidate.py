@@ -195,10 +195,22 @@ class Candidate:
         """
         began = time.perf_counter()
         with live.writes_held():
-            self.durable.reapply(tally=self.tally, skip=self._skip)
+            held = time.perf_counter()
+            last = self.durable.reapply(tally=self.tally, skip=self._skip)
+            applied = time.perf_counter()
             self.durable.take_over(config.store)
             live.supersede(f"model {live.model.version} was replaced by {self.version.name}")
-        return time.perf_counter() - began
+        ended = time.perf_counter()
+        log.info(
+            "swap to %s: %.2f ms waiting for writes, %.2f ms applying the last %d records, "
+            "%.2f ms for the synced write that made it active",
+            self.version.name,
+            (held - began) * 1e3,
+            (applied - held) * 1e3,
+            last,
+            (ended - applied) * 1e3,
+        )
+        return ended - began
 
     def forget(self, user: str) -> None:
         """A user was deleted while the candidate builds: drop them, and skip their records."""
