@@ -199,7 +199,9 @@ class OnlineModel:
 
     >>> from velox.features import MatrixFactorization
     >>> mf = MatrixFactorization(["a", "b"], np.array([[1.0], [-1.0]]), version="v1")
-    >>> plain = ModelConfig(regularization=1.0, forgetting=1.0)
+    >>> plain = ModelConfig(
+    ...     regularization=1.0, forgetting=1.0, bias_drift=0.0, bias_regularization=25.0
+    ... )
     >>> model = OnlineModel(mf, global_mean=3.0, item_bias=np.zeros(2), config=plain)
     >>> model.observe_many(["u1"], ["a"], [5.0]).predictions.tolist()
     [3.0]
