@@ -113,7 +113,7 @@ def _copy(source, target):  # pragma: no cover - compiled
         target[m] = source[m]
 
 
-@numba.njit(cache=True, boundscheck=False)
+@numba.njit(cache=True, boundscheck=False, nogil=True)
 def in_order(  # the compiled loop takes its arrays flat  # pragma: no cover
     UP, Uw, UA, Ub, Ucount, Uupdated, Ugamma, Uinterval, Uwalk, Ucoordinate,
     IP, Iw, IA, Ib, Icount, Iupdated, Igamma, Iinterval, Iwalk, Icoordinate,
@@ -126,6 +126,9 @@ def in_order(  # the compiled loop takes its arrays flat  # pragma: no cover
     """A batch in arrival order (:mod:`velox.kernels.stream` says what and why).
 
     Returns ``(next position, user row to refit, fold-in row to refit)``, -1 for none.
+    It runs without the GIL (callers hold their model's lock): a candidate version
+    catching up with the log in a thread would otherwise stall the event loop's
+    reads and commits for the length of each chunk it applies.
     """
     d, k = F.shape[1], free.size
     f = np.empty(d, dtype=UP.dtype)
