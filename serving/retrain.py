@@ -110,7 +110,7 @@ class Retrainer:
         self._task: asyncio.Task | None = None
         self.finished = asyncio.Event()
         """Set whenever a run ends (tests and ``velox retrain --wait`` wait on runs)."""
-        switch.on_activated.append(self._activated)
+        switch.on_activated.append(self.start_monitoring)
 
     # ------------------------------------------------------------- figures
 
@@ -119,18 +119,8 @@ class Retrainer:
         self.monitor.observed(version, predictions, ratings, timestamps, new_users)
 
     def start_monitoring(self, version: ModelVersion) -> None:
-        """The served version at start: its counts since the watermark come from the store."""
-        durable = self._state.durable
-        self.monitor.activated(
-            version.name,
-            trained_at=_epoch(version.created),
-            watermark=version.watermark,
-            validation_rmse=version.metrics.get("validation_rmse"),
-            observations_since=max(durable.store.last_seq - version.watermark, 0),
-            new_users_since=durable.new_users,
-        )
-
-    def _activated(self, version: ModelVersion) -> None:
+        """``version`` serves (at start, or after a swap): its figures start afresh, with its
+        counts since the watermark taken from the model now serving it."""
         durable = self._state.durable
         self.monitor.activated(
             version.name,
