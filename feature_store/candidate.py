@@ -142,10 +142,7 @@ class Candidate:
         )
         held, exact = store.holds(slot)
         if held == version.name and exact:
-            durable = DurableModel(
-                model, store, config.store, recover=False, slot=slot, building=True
-            )
-            durable.restore()
+            durable = DurableModel.resume(model, store, config.store, slot)
             log.info("resuming %s in slot %d from seq %d", version.name, slot, durable.applied_seq)
             resumed = True
         else:

@@ -212,6 +212,16 @@ class DurableModel:
         store.end_install(slot=slot)
         return durable
 
+    @classmethod
+    def resume(
+        cls, model: OnlineModel, store: OnlineStore, config: StoreConfig, slot: int
+    ) -> DurableModel:
+        """A model over ``slot``'s exact checkpoint, to bring up to the log with :meth:`reapply`
+        (a candidate resumed after a restart, a rollback, a swap the pointer did not follow)."""
+        durable = cls(model, store, config, recover=False, slot=slot, building=True)
+        durable.restore()
+        return durable
+
     def reapply(
         self,
         upto: int | None = None,

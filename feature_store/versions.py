@@ -73,8 +73,7 @@ def serve_version(
     other = 1 - store.active_slot
     if store.holds(other) == (version.name, True):  # a swap the pointer did not follow, or back
         log.info("%s is in the store's other slot: applying the log after it", version.name)
-        durable = DurableModel(model, store, config.store, recover=False, slot=other, building=True)
-        durable.restore()
+        durable = DurableModel.resume(model, store, config.store, other)
         durable.reapplied = durable.reapply()
         durable.take_over(config.store)
         return durable

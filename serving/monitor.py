@@ -104,10 +104,9 @@ class VersionMonitor:
         self._clock = clock
         self._clip = clip
         self._errors = np.zeros(config.window)
-        self._version: str | None = None
-        self._reset(None, trained_at=0.0, watermark=0, validation_rmse=None)
+        self.activated(None, trained_at=0.0, watermark=0, validation_rmse=None)
 
-    def _reset(
+    def activated(
         self,
         version: str | None,
         *,
@@ -117,6 +116,11 @@ class VersionMonitor:
         observations_since: int = 0,
         new_users_since: int = 0,
     ) -> None:
+        """``version`` serves from now on: its figures start afresh (None: none serves yet).
+
+        ``observations_since`` and ``new_users_since`` seed the counts since the
+        watermark (after a restart, from the log); the error windows start empty.
+        """
         self._version = version
         self._trained_at = trained_at
         self._watermark = watermark
@@ -128,30 +132,6 @@ class VersionMonitor:
         self._first_sum = 0.0
         self._first_count = 0
         self._buckets: dict[float, list[float]] = {}  # start: [count, squared error sum]
-
-    def activated(
-        self,
-        version: str,
-        *,
-        trained_at: float,
-        watermark: int,
-        validation_rmse: float | None,
-        observations_since: int = 0,
-        new_users_since: int = 0,
-    ) -> None:
-        """``version`` serves from now on: its figures start afresh.
-
-        ``observations_since`` and ``new_users_since`` seed the counts since the
-        watermark (after a restart, from the log); the error windows start empty.
-        """
-        self._reset(
-            version,
-            trained_at=trained_at,
-            watermark=watermark,
-            validation_rmse=validation_rmse,
-            observations_since=observations_since,
-            new_users_since=new_users_since,
-        )
 
     def observed(
         self,
