@@ -80,6 +80,12 @@ class Metrics:
             buckets=SIZE_BUCKETS,
             registry=registry,
         )
+        self.log_sync = Histogram(
+            "velox_log_sync_seconds",
+            "Time of each group commit's fsync of the log (the disk's share of observe latency).",
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
         self.degraded = Counter(
             "velox_degraded",
             "Answers given by the prior (deadline, or a switch or deletion holding the model).",

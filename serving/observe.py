@@ -42,8 +42,13 @@ class Observations:
             wait=limits.batch_wait_ms / 1000,
             limit=limits.batch_max,
             on_batch=lambda n: state.metrics.batch_size.observe(n),
-            sync=lambda: state.durable.sync_log(),
+            sync=self._sync,
         )
+
+    def _sync(self) -> None:
+        """The group commit's fsync (in its thread), timed: a slow disk shows in /metrics."""
+        with self._state.metrics.log_sync.time():
+            self._state.durable.sync_log()
 
     def start(self) -> None:
         self.batcher.start()

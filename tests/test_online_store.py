@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import os
 import struct
 import subprocess
 import sys
@@ -13,7 +15,7 @@ import pytest
 
 from feature_store.codec import StateBatch
 from feature_store.keyspace import STORE_FORMAT
-from feature_store.online import LogReader, OnlineStore
+from feature_store.online import LogReader, OnlineStore, direct_io_works
 from tests.factories import applied
 from velox.errors import DataError
 
@@ -56,6 +58,47 @@ def test_user_states_round_trip_through_checkpoints(tmp_path):
     np.testing.assert_array_equal(back.seq, [12, 10])
 
 
+def _options_say_direct_io(folder) -> bool:
+    """What the newest OPTIONS file RocksDB wrote records for direct I/O of flushes."""
+    newest = max(folder.glob("OPTIONS-*"), key=lambda path: int(path.name.split("-")[1]))
+    return "use_direct_io_for_flush_and_compaction=true" in newest.read_text()
+
+
+def _checkpoint_round_trips(folder) -> None:
+    state = StateBatch(
+        np.eye(3)[None] * 2, np.ones((1, 3)), np.array([1]), np.array([5]), np.zeros(1)
+    )
+    with OnlineStore(folder) as store:
+        store.write_checkpoint({"users": (["a"], state)}, b"biases", upto=5)  # (flushes the family)
+    with OnlineStore(folder) as store:
+        found, back = store.get_states(["a"])
+        assert found.tolist() == [True] and store.checkpoint_seq == 5
+    np.testing.assert_array_equal(back.A, state.A)
+
+
+def test_flushes_bypass_the_page_cache_where_the_filesystem_allows(tmp_path):
+    assert direct_io_works(tmp_path) == hasattr(os, "O_DIRECT")  # ext4, xfs, tmpfs >= 6.6
+    assert list(tmp_path.iterdir()) == []  # the probe leaves nothing behind
+    _checkpoint_round_trips(tmp_path / "db")
+    assert _options_say_direct_io(tmp_path / "db") == direct_io_works(tmp_path)
+
+
+def test_a_filesystem_without_direct_io_gets_buffered_flushes(tmp_path, monkeypatch):
+    # A filesystem refusing O_DIRECT (older tmpfs, some network mounts) cannot be mounted
+    # here: its answer, EINVAL at open, is injected.
+    def refuse(path, flags, *args):
+        if flags & getattr(os, "O_DIRECT", 0):
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_open(path, flags, *args)
+
+    real_open = os.open
+    monkeypatch.setattr(os, "open", refuse)
+    assert not direct_io_works(tmp_path)
+    assert list(tmp_path.iterdir()) == []
+    _checkpoint_round_trips(tmp_path / "db")
+    assert not _options_say_direct_io(tmp_path / "db")
+
+
 def test_a_folder_of_other_files_is_not_a_store_and_is_left_alone(tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
     with pytest.raises(DataError, match="is not a Velox store"):
@@ -81,7 +124,7 @@ def test_a_store_held_by_another_process_is_refused(tmp_path):
             "-c",
             textwrap.dedent(f"""
             import sys, time
-            from feature_store.online import LogReader, OnlineStore
+            from feature_store.online import LogReader, OnlineStore, direct_io_works
             store = OnlineStore({str(path)!r})
             print("open", flush=True)
             sys.stdin.read()

@@ -193,6 +193,7 @@ async def test_metrics_openapi_and_health(server):
     assert samples[_sample("velox_requests_total", route="/observe", status="200")] == 1
     assert samples[_sample("velox_request_seconds_count", route="/predict", status="200")] == 1
     assert samples[_sample("velox_batch_observations_count")] == 1
+    assert samples[_sample("velox_log_sync_seconds_count")] >= 1  # the group commit's fsync
     assert samples[_sample("velox_active_model", version="v1")] == 1
     assert samples[_sample("velox_prequential_observations_total", version="v1")] == 1
     rmse = samples[_sample("velox_prequential_rmse", version="v1")]
