@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import threading
 
@@ -184,6 +185,14 @@ async def _metrics(client) -> dict[tuple, float]:
 
 def _sample(name: str, **labels: str) -> tuple:
     return name, tuple(sorted(labels.items()))
+
+
+async def test_the_running_server_keeps_its_long_lived_objects_out_of_the_collectors_walk(
+    server,
+):
+    # Modules, kernels and model tables, frozen once the app is up: a full collection
+    # does not walk them on the event loop (86-110 ms each when it did).
+    assert gc.get_freeze_count() > 10_000
 
 
 async def test_metrics_openapi_and_health(server):
