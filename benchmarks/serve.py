@@ -231,6 +231,11 @@ def _p99_at_half_peak(
     for connections in (1, 2, 4, 8, 16, 32):
         run = _wrk(port, scenario, seconds, connections, scratch)
         run["connections"] = connections
+        print(
+            f"{scenario} at {connections} connection(s): {run['rate']:,.0f}/s, "
+            f"p50 {run['p50']:.2f} ms, p99 {run['p99']:.2f} ms (half its peak: {peak / 2:,.0f}/s)",
+            flush=True,
+        )
         if best is None or abs(run["rate"] - peak / 2) < abs(best["rate"] - peak / 2):
             best = run
         if run["rate"] >= peak / 2:
