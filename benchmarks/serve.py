@@ -26,11 +26,11 @@ closest). Observe's is then measured ``--latency-runs`` more times at that
 count, each run three checkpoint intervals long (``store.checkpoint_interval``,
 so every run has background checkpoints in it), and the median is the
 figure. Each of those runs also reports how many of the server's group-commit
-fsyncs took over 10 ms (``velox_log_sync_seconds`` in ``/metrics``), and the
+fsyncs took over 10 and 100 ms (``velox_log_sync_seconds`` in ``/metrics``), and the
 disk's own figure comes first: a bare loop appending 200 bytes and
 fdatasyncing, with the server idle. The shared VMs this runs on stall on
-fsync now and then by themselves (that loop, alone on the machine, had
-single stalls of 33-317 ms in 20 s), and a run such a stall hits shows it.
+fsync now and then by themselves (``--disk-only`` runs that loop alone for
+``--seconds``), and a run such a stall hits shows it.
 
 wrk's percentiles are corrected for coordinated omission: a response that
 took ``n`` times the connection's mean interval also adds the samples a
@@ -44,7 +44,8 @@ own, uncorrected count (``velox_request_seconds``): the share of its observes
 answered within 10 ms of their arrival in the handler.
 
 Usage: ``python -m benchmarks.serve [--seconds 10] [--rounds 3] [--connections 64]
-[--latency-runs 3] [--data ../shared/data/ml-100k] [--check]``. ``--check``
+[--latency-runs 3] [--data ../shared/data/ml-100k] [--check]``, or
+``python -m benchmarks.serve --disk-only [--seconds 10]``. ``--check``
 exits 1 when a target is missed by the medians (issue 5: predict 1 >= 0.6x
 hello; observe at 64 connections >= 0.4x hello; p99 of predict < 5 ms at half
 its peak rate; issue 12: p99 of observe <= 10 ms at half its peak rate).
@@ -291,6 +292,14 @@ def _disk_baseline(folder: Path, seconds: float) -> dict:
     }
 
 
+def _print_disk(disk: dict, seconds: float, beside: str) -> None:
+    print(
+        f"the disk alone ({seconds} s of append + fdatasync, {beside}): "
+        f"{disk['n']:,} syncs, p50 {disk['p50']:.2f} ms, p99 {disk['p99']:.2f} ms, "
+        f"p99.9 {disk['p99.9']:.2f} ms, max {disk['max']:.2f} ms, {disk['over 10 ms']} over 10 ms"
+    )
+
+
 def _observe_latency(port: int, connections: int, seconds: int, runs: int, scratch: Path) -> list:
     """``runs`` runs of observe at ``connections``, each with the server's tallies of it."""
     measured = []
@@ -313,7 +322,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--latency-runs", type=int, default=3)
     parser.add_argument("--data", default=str(ML100K), help="MovieLens 100K folder")
     parser.add_argument("--check", action="store_true")
+    parser.add_argument("--disk-only", action="store_true", help="only the disk's fsync loop")
     args = parser.parse_args(argv)
+    if args.disk_only:
+        with tempfile.TemporaryDirectory(prefix="velox-disk-bench-", dir=".") as scratch:
+            _print_disk(_disk_baseline(Path(scratch), args.seconds), args.seconds, "nothing else")
+        return 0
     stream = _stream_lua(Path(args.data))
     if stream is None:
         print(f"no MovieLens 100K at {args.data}: the observe stream scenario is skipped")
@@ -397,11 +411,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{len(observe_runs)} runs of {latency_seconds} s (checkpoints every "
         f"store.checkpoint_interval): median p99 **{observe_p99:.2f} ms**"
     )
-    print(
-        f"the disk alone ({args.seconds} s of append + fdatasync, server idle): "
-        f"{disk['n']:,} syncs, p50 {disk['p50']:.2f} ms, p99 {disk['p99']:.2f} ms, "
-        f"p99.9 {disk['p99.9']:.2f} ms, max {disk['max']:.2f} ms, {disk['over 10 ms']} over 10 ms"
-    )
+    _print_disk(disk, args.seconds, "server idle")
     print(
         "| run | observe/s | p50 ms | p99 ms | max ms | server: within 10 ms | fsyncs | "
         "over 10 ms | over 100 ms |"

@@ -84,8 +84,8 @@ def open_options(*, accept_loss: bool = False, direct: bool = False) -> rocksdic
     I/O, past the page cache. Buffered, a checkpoint's flush (and the
     compaction after it) left megabytes of dirty pages that the filesystem
     wrote out while a group commit's fsync waited behind them: SyncWAL's p99
-    with checkpoints was 17-19 ms against 7.6-9.1 ms with direct I/O
-    (``benchmarks/store.py --checkpoints``, RESULTS.md). Only where the
+    with checkpoints was 17.1-24.0 ms against 5.9-8.0 ms with direct I/O
+    (``benchmarks/store.py --checkpoints`` on both trees, RESULTS.md). Only where the
     filesystem takes ``O_DIRECT`` (:func:`direct_io_works`).
     """
     options = rocksdict.Options(raw_mode=True)

@@ -124,7 +124,7 @@ def test_a_store_held_by_another_process_is_refused(tmp_path):
             "-c",
             textwrap.dedent(f"""
             import sys, time
-            from feature_store.online import LogReader, OnlineStore, direct_io_works
+            from feature_store.online import LogReader, OnlineStore
             store = OnlineStore({str(path)!r})
             print("open", flush=True)
             sys.stdin.read()
